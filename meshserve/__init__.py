@@ -1,0 +1,3 @@
+"""meshserve: the composition root (CLI, settings, telemetry, one-machine launcher)."""
+
+__version__ = "0.1.0"
