@@ -1,0 +1,246 @@
+"""Hand-written protobuf wire scanning for the forwarding path.
+
+The gateway forwards requests and responses as bytes. Routing needs three
+strings from a `ModelInferRequest` (model name, version, id) and the hop needs a
+few parameters of a `ModelInferResponse`; a full parse would decode (copy) every
+tensor, so these functions walk only the top-level fields and skip the rest by
+their length prefix.
+
+Protobuf's parser merges concatenated messages (last scalar wins, map entries
+are added), so `id` and extra `parameters` are set by appending bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+# Field numbers shared by ModelInferRequest and ModelInferResponse.
+_MODEL_NAME = 1
+_MODEL_VERSION = 2
+_ID = 3
+_PARAMETERS = 4
+# ModelStreamInferResponse.
+_ERROR_MESSAGE = 1
+_INFER_RESPONSE = 2
+# InferParameter's oneof.
+_BOOL_PARAM = 1
+_INT64_PARAM = 2
+_STRING_PARAM = 3
+_DOUBLE_PARAM = 4
+_UINT64_PARAM = 5
+
+_WIRE_VARINT = 0
+_WIRE_FIXED64 = 1
+_WIRE_LEN = 2
+_WIRE_FIXED32 = 5
+
+ParamValue = bool | int | str | float
+
+
+class WireError(ValueError):
+    """The bytes are not a well-formed protobuf message."""
+
+
+class RequestHead(NamedTuple):
+    model_name: str
+    model_version: str
+    id: bytes
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    end = len(data)
+    while True:
+        if pos >= end:
+            raise WireError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise WireError("varint too long")
+
+
+def _skip(data: bytes, pos: int, wire_type: int) -> int:
+    """Position after a field value of `wire_type` starting at `pos`."""
+    if wire_type == _WIRE_VARINT:
+        return _varint(data, pos)[1]
+    if wire_type == _WIRE_LEN:
+        length, pos = _varint(data, pos)
+        end = pos + length
+        if end > len(data):
+            raise WireError("truncated length-delimited field")
+        return end
+    if wire_type == _WIRE_FIXED64:
+        end = pos + 8
+    elif wire_type == _WIRE_FIXED32:
+        end = pos + 4
+    else:
+        raise WireError(f"unsupported wire type {wire_type}")
+    if end > len(data):
+        raise WireError("truncated fixed-width field")
+    return end
+
+
+def _fields(data: bytes, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """Yields (field number, wire type, value start, value end) for the top level of a message.
+
+    For length-delimited fields the span excludes the length prefix; for the
+    others it is the raw encoded value.
+    """
+    pos = start
+    end = len(data) if stop is None else stop
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise WireError("field number 0")
+        if wire_type == _WIRE_LEN:
+            length, pos = _varint(data, pos)
+            value_end = pos + length
+            if value_end > end:
+                raise WireError("truncated length-delimited field")
+            yield field, wire_type, pos, value_end
+            pos = value_end
+        else:
+            value_start = pos
+            pos = _skip(data, pos, wire_type)
+            if pos > end:
+                raise WireError("truncated field")
+            yield field, wire_type, value_start, pos
+
+
+def scan_request(data: bytes) -> RequestHead:
+    """Model name, version and id of a serialized `ModelInferRequest` (last occurrence wins)."""
+    name = version = b""
+    request_id = b""
+    for field, wire_type, start, end in _fields(data):
+        if field <= _ID:
+            if wire_type != _WIRE_LEN:
+                raise WireError(f"field {field} has wire type {wire_type}")
+            if field == _MODEL_NAME:
+                name = data[start:end]
+            elif field == _MODEL_VERSION:
+                version = data[start:end]
+            else:
+                request_id = data[start:end]
+    try:
+        return RequestHead(name.decode(), version.decode(), request_id)
+    except UnicodeDecodeError as exc:
+        raise WireError("model name or version is not UTF-8") from exc
+
+
+def _encode_varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | _WIRE_LEN) + _encode_varint(len(payload)) + payload
+
+
+def encode_id(request_id: bytes) -> bytes:
+    """The `id` field (3) of a ModelInferRequest/Response, to append."""
+    return _len_field(_ID, request_id)
+
+
+def _encode_param_value(value: ParamValue) -> bytes:
+    if isinstance(value, bool):
+        return _encode_varint(_BOOL_PARAM << 3 | _WIRE_VARINT) + _encode_varint(int(value))
+    if isinstance(value, int):
+        return _encode_varint(_INT64_PARAM << 3 | _WIRE_VARINT) + _encode_varint(value)
+    if isinstance(value, str):
+        return _len_field(_STRING_PARAM, value.encode())
+    raise TypeError(f"unsupported parameter type {type(value).__name__}")
+
+
+def encode_parameter(key: str, value: ParamValue) -> bytes:
+    """One `parameters` map entry (field 4) of a ModelInferRequest/Response, to append."""
+    entry = _len_field(1, key.encode()) + _len_field(2, _encode_param_value(value))
+    return _len_field(_PARAMETERS, entry)
+
+
+def parameter_key(key: str) -> bytes:
+    """The encoded key of a parameters entry, prepared once for `encode_int64_parameter`."""
+    return _len_field(1, key.encode())
+
+
+def encode_int64_parameter(key_field: bytes, value: int) -> bytes:
+    """An int64 `parameters` entry (per-request deadline) from a key prepared by `parameter_key`."""
+    value_bytes = b"\x10" + _encode_varint(value)
+    entry = key_field + b"\x12" + bytes((len(value_bytes),)) + value_bytes
+    return b"\x22" + _encode_varint(len(entry)) + entry
+
+
+def _decode_param_value(data: bytes, start: int, end: int) -> ParamValue | None:
+    value: ParamValue | None = None
+    for field, wire_type, vstart, vend in _fields(data, start, end):
+        if wire_type == _WIRE_VARINT:
+            number = _varint(data, vstart)[0]
+            if field == _BOOL_PARAM:
+                value = bool(number)
+            elif field == _INT64_PARAM:
+                value = number - (1 << 64) if number >= 1 << 63 else number
+            elif field == _UINT64_PARAM:
+                value = number
+        elif field == _STRING_PARAM and wire_type == _WIRE_LEN:
+            value = data[vstart:vend].decode(errors="replace")
+        elif field == _DOUBLE_PARAM and wire_type == _WIRE_FIXED64:
+            value = struct.unpack_from("<d", data, vstart)[0]
+    return value
+
+
+def _parameter_entry(data: bytes, start: int, end: int) -> tuple[str, ParamValue | None]:
+    key = ""
+    value: ParamValue | None = None
+    for field, wire_type, vstart, vend in _fields(data, start, end):
+        if field == 1 and wire_type == _WIRE_LEN:
+            key = data[vstart:vend].decode(errors="replace")
+        elif field == 2 and wire_type == _WIRE_LEN:
+            value = _decode_param_value(data, vstart, vend)
+    return key, value
+
+
+class ResponseHead(NamedTuple):
+    """What the hop needs from a `ModelStreamInferResponse`."""
+
+    error_message: str
+    response: bytes  # the serialized ModelInferResponse (b"" when absent)
+    id: bytes
+    parameters: dict[str, ParamValue | None]
+
+
+def scan_response(data: bytes) -> ResponseHead:
+    """Splits a serialized `ModelStreamInferResponse` into error, response bytes, id and parameters."""
+    error = b""
+    response = b""
+    for field, wire_type, start, end in _fields(data):
+        if wire_type != _WIRE_LEN:
+            continue
+        if field == _ERROR_MESSAGE:
+            error = data[start:end]
+        elif field == _INFER_RESPONSE:
+            # Repeated occurrences of an embedded message merge; workers send one.
+            response = data[start:end] if not response else response + data[start:end]
+    request_id = b""
+    parameters: dict[str, ParamValue | None] = {}
+    for field, wire_type, start, end in _fields(response):
+        if wire_type != _WIRE_LEN:
+            continue
+        if field == _ID:
+            request_id = response[start:end]
+        elif field == _PARAMETERS:
+            key, value = _parameter_entry(response, start, end)
+            parameters[key] = value
+    return ResponseHead(error.decode(errors="replace"), response, request_id, parameters)
