@@ -1,30 +1,185 @@
-"""Tracing set-up for one process (OpenTelemetry SDK).
+"""Tracing and process-metrics set-up for one process.
 
-Components only use the OpenTelemetry API (`trace.get_tracer(...)`); this
-module, called once by each command, decides whether spans go anywhere.
+Components only use the OpenTelemetry API (`trace.get_tracer(...)`) and their
+own `metrics.py` classes; this module, called once by each command, decides
+whether spans go anywhere and serves a component's metrics registry.
+
+Tracing follows the standard `OTEL_*` variables, read by the SDK itself:
+`OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) switches export on,
+`OTEL_SERVICE_NAME` overrides the per-component default, `OTEL_TRACES_SAMPLER`
+and `OTEL_TRACES_SAMPLER_ARG` pick the sampler (default: parent-based
+always-on), `OTEL_BSP_*` tune the batch processor, `OTEL_SDK_DISABLED=true`
+and `OTEL_TRACES_EXPORTER=none` switch it off.
+
+Why the components write their own server spans instead of installing
+opentelemetry-instrumentation-grpc's aio server interceptor:
+- the gateway -> worker hop multiplexes many requests over one long-lived
+  `ModelStreamInfer` stream, with each request's `traceparent` in its
+  `parameters`; the interceptor would make one span per stream (minutes long)
+  and could not see the per-request context, and the worker also serves unary
+  `ModelInfer`, so mixing both would give two server spans for one RPC;
+- the interceptor runs and wraps every servicer context in a proxy object for
+  every call even when tracing is off, on a path where per-call CPU is the
+  bottleneck (DESIGN.md, performance notes), and it would also trace the
+  health checks Consul sends every few seconds.
+So there is exactly one server span per RPC, written where the request is
+understood (`gateway ModelInfer`, `worker ModelInfer`), with the RPC semantic
+convention attributes from `rpc_server_attributes` below.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
+import logging
 import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from socketserver import BaseServer
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+logger = logging.getLogger(__name__)
+
+SERVICE_PREFIX = "meshserve-"
+# How long exit may wait for the last spans; a dead collector must not hold a
+# stopping process past its orchestrator's grace period.
+SHUTDOWN_TIMEOUT_S = 3.0
 
 
-def configure_tracing(service_name: str) -> None:
-    """Installs an SDK tracer provider exporting OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+def service_name(component: str) -> str:
+    """`gateway` -> `meshserve-gateway` (the default `service.name` of a component)."""
+    return component if component.startswith(SERVICE_PREFIX) else SERVICE_PREFIX + component
 
-    Without an endpoint the API's no-op provider stays in place, so spans cost
-    next to nothing.
+
+def tracing_requested(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the standard variables ask for span export."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if exporter in ("none", ""):
+        return False
+    if exporter == "console":
+        return True
+    return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def install_propagator() -> None:
+    """W3C trace context only: what the gateway reads from clients and forwards to workers."""
+    propagate.set_global_textmap(CompositePropagator([TraceContextTextMapPropagator()]))
+
+
+def configure_tracing(component: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Installs an SDK tracer provider when export is requested; returns whether it did.
+
+    Without export the API's no-op provider stays in place: spans cost a
+    context switch and nothing is recorded, yet a client's `traceparent` still
+    flows through (non-recording spans carry the parent's ids). Export runs in
+    the batch processor's thread, so a slow or dead collector never blocks a
+    request; its queue drops spans when full rather than grow.
     """
-    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") and not os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        return
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    install_propagator()
+    env = os.environ if environ is None else environ
+    if not tracing_requested(env):
+        return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
-    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    attributes = {} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name(component)}
+    # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME;
+    # the sampler comes from OTEL_TRACES_SAMPLER(_ARG) inside TracerProvider.
+    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    exporter: SpanExporter
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    atexit.register(shutdown)
+    logger.info("tracing on: exporting spans as %s", provider.resource.attributes.get(SERVICE_NAME))
+    return True
+
+
+def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Flushes buffered spans and stops the exporter, waiting at most `timeout_s`.
+
+    Safe to call more than once and when tracing is off. The flush runs in a
+    daemon thread so that a collector that does not answer cannot hold the
+    process past the timeout.
+    """
+    provider = trace.get_tracer_provider()
+    stop = getattr(provider, "shutdown", None)
+    if stop is None:
+        return
+    flusher = threading.Thread(target=stop, name="otel-shutdown", daemon=True)
+    flusher.start()
+    flusher.join(timeout_s)
+    if flusher.is_alive():
+        logger.warning("trace exporter did not flush within %.1fs; the last spans may be lost", timeout_s)
+
+
+def rpc_server_attributes(service: str, method: str, address: str | None = None) -> dict[str, str]:
+    """The RPC semantic-convention attributes of a gRPC server span."""
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    if address:
+        attributes["server.address"] = address
+    return attributes
+
+
+def process_registry() -> CollectorRegistry:
+    """A fresh registry with the process, platform and GC collectors, for one component's metrics."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+class MetricsPortInUse(RuntimeError):
+    """The `--metrics-port` is taken by another process."""
+
+
+@dataclass
+class MetricsServer:
+    """The running `/metrics` HTTP endpoint of one process."""
+
+    port: int
+    _server: BaseServer
+    _thread: threading.Thread
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=2)
+
+
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> MetricsServer:
+    """Serves `registry` at http://host:port/metrics in a daemon thread; port 0 picks a free one.
+
+    Raises MetricsPortInUse with a message saying what to do when the port is taken.
+    """
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise MetricsPortInUse(
+                f"metrics port {port} on {host} is already in use; choose another with --metrics-port "
+                f"(or MESHSERVE_METRICS_PORT), or 0 for a free port"
+            ) from error
+        raise
+    bound = server.server_address[1]
+    logger.info("metrics on http://%s:%d/metrics", host, bound)
+    return MetricsServer(port=bound, _server=server, _thread=thread)
