@@ -51,12 +51,26 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConsoleFormatter(logging.Formatter):
+    """One readable line; the model and the trace id (to paste into Jaeger) follow the message when present."""
+
     def __init__(self, component: str) -> None:
         super().__init__(f"%(asctime)s %(levelname)-7s {component} %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        model = getattr(record, "model", None)
+        trace_id, _ = _trace_ids()
+        suffix = "".join(f" {key}={value}" for key, value in (("model", model), ("trace_id", trace_id)) if value)
+        return line + suffix if "\n" not in line else line.replace("\n", suffix + "\n", 1)
+
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def configure(component: str, level: str = "info", *, json_lines: bool | None = None) -> None:
     """Sets up the root logger for one process. JSON unless stderr is a terminal."""
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
