@@ -1,0 +1,37 @@
+"""Gateway settings: flags of `meshserve gateway`, each with a `MESHSERVE_<NAME>` variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshserve.settings import MeshSettings
+
+
+class GatewaySettings(MeshSettings):
+    registry: str = "consul://127.0.0.1:8500"
+    host: str = "0.0.0.0"
+    port: int = 8001
+    metrics_port: int = 8002
+    log_level: str = "info"
+    # Authentication: an auth file (tenants, hashed keys, JWT) or one API key
+    # for everything. Neither: no authentication (logged loudly at start).
+    auth_file: Path | None = None
+    api_key: str | None = None
+    auth_reload_interval_s: float = 0.5
+    # Public TLS (both or neither).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # mTLS to workers: CA that signed the workers' certificates, and this
+    # gateway's client certificate.
+    worker_tls_ca: Path | None = None
+    worker_tls_cert: Path | None = None
+    worker_tls_key: Path | None = None
+    # Gateway processes sharing the port through SO_REUSEPORT.
+    processes: int = 1
+    # Long-lived ModelStreamInfer streams per worker; requests are multiplexed over them.
+    streams_per_worker: int = 2
+    # Used when the client sets no deadline; the hop always carries one.
+    default_timeout_s: float = 30.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Where routing config lives in the registry's KV store.
+    routes_prefix: str = "meshserve/routes/"
