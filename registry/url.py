@@ -1,0 +1,83 @@
+"""Where the registry is and how to talk to it: `consul://HOST:PORT` plus Consul's own CLI variables.
+
+`CONSUL_HTTP_ADDR` (used when no URL is given), `CONSUL_HTTP_TOKEN` (ACL token, sent on every call),
+`CONSUL_HTTP_SSL` (https), `CONSUL_CACERT` (CA bundle to verify the agent's certificate), as the
+`consul` CLI reads them. This module is the one place that reads those variables.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import consul.aio
+
+DEFAULT_PORT = 8500
+_SCHEMES = {"consul": "http", "consul+http": "http", "consul+https": "https", "http": "http", "https": "https"}
+
+
+class RegistryURLError(ValueError):
+    """A registry URL the client cannot use."""
+
+
+@dataclass(frozen=True)
+class ConsulAddress:
+    host: str
+    port: int
+    scheme: str = "http"
+    token: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def http_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    def __str__(self) -> str:  # never prints the token
+        return self.http_url
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_registry_url(url: str | None, environ: Mapping[str, str] | None = None) -> ConsulAddress:
+    """`consul://HOST:PORT` (or `CONSUL_HTTP_ADDR` when `url` is empty) with the CONSUL_* conventions applied."""
+    env = os.environ if environ is None else environ
+    raw = (url or env.get("CONSUL_HTTP_ADDR") or "").strip()
+    if not raw:
+        raise RegistryURLError("no registry given: pass --registry consul://HOST:PORT or set CONSUL_HTTP_ADDR")
+    if "://" not in raw:
+        raw = f"consul://{raw}"  # CONSUL_HTTP_ADDR is usually a bare host:port
+    parsed = urllib.parse.urlsplit(raw)
+    scheme = _SCHEMES.get(parsed.scheme.lower())
+    if scheme is None:
+        raise RegistryURLError(f"registry URL {url!r} must look like consul://HOST:PORT")
+    try:
+        port = parsed.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise RegistryURLError(f"registry URL {raw!r} has an invalid port") from exc
+    host = parsed.hostname
+    if not host:
+        raise RegistryURLError(f"registry URL {raw!r} has no host (expected consul://HOST:PORT)")
+    if _truthy(env.get("CONSUL_HTTP_SSL")):
+        scheme = "https"
+    return ConsulAddress(
+        host=host,
+        port=port,
+        scheme=scheme,
+        token=env.get("CONSUL_HTTP_TOKEN") or None,
+        ca_file=env.get("CONSUL_CACERT") or None,
+    )
+
+
+def connect(address: ConsulAddress | str | None) -> consul.aio.Consul:
+    """An async py-consul client for `address`. Call inside a running event loop; close it with `await c.close()`."""
+    if not isinstance(address, ConsulAddress):
+        address = parse_registry_url(address)
+    verify: bool | str = address.ca_file or True
+    return consul.aio.Consul(
+        host=address.host, port=address.port, scheme=address.scheme, token=address.token, verify=verify
+    )
