@@ -1,0 +1,261 @@
+"""The dynamic batcher: one per model version.
+
+Requests wait in a bounded queue; each model instance takes what is queued
+(up to the max batch size, only requests whose non-batch dims agree), runs
+ONNX Runtime in a thread pool and splits the outputs back per request. While
+one batch runs, the next one forms. A batch that fails is retried request by
+request, so one bad request never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
+from worker.errors import InferenceError
+from worker.metrics import ModelMetrics
+from worker.runtime import OnnxModel
+from worker.tensors import encode_output
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("meshserve.worker")
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One validated request waiting for a batch."""
+
+    inputs: list[np.ndarray]  # in the model's input order
+    rows: int  # size of dim 0 (1 for a model that is not batched)
+    output_indices: list[int]
+    future: asyncio.Future[JobResult]
+    deadline: float | None = None  # loop.time() after which running it is pointless
+    span_context: SpanContext | None = None  # the request's server span, when tracing
+    enqueued_ns: int = field(default_factory=time.time_ns)
+
+    @property
+    def key(self) -> tuple[tuple[int, ...], ...]:
+        """Jobs can share a batch only when every input agrees beyond dim 0."""
+        return tuple(array.shape[1:] for array in self.inputs)
+
+
+@dataclass(slots=True)
+class JobResult:
+    outputs: list[np.ndarray]  # the requested outputs, in request order
+    raw: list[bytes]  # the same, encoded for raw_output_contents
+    batch_size: int
+
+
+def _run_error(model: OnnxModel, exc: Exception) -> InferenceError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, ort_errors.InvalidArgument) else grpc.StatusCode.INTERNAL
+    return InferenceError(code, f"model '{model.name}' version {model.version} failed to run: {first_line}")
+
+
+class Batcher:
+    def __init__(self, model: OnnxModel, executor: Executor, metrics: ModelMetrics, tracing: bool = False) -> None:
+        self.model = model
+        self.executor = executor
+        self.metrics = metrics
+        self.tracing = tracing
+        config = model.config
+        self.max_rows = model.max_batch_size if model.batchable else 1
+        self.max_queue_size = config.max_queue_size
+        self.max_delay = config.max_queue_delay_us / 1e6
+        self.preferred = config.preferred_batch_sizes if model.batchable else []
+        self._queue: collections.deque[Job] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.running = 0  # jobs inside ONNX Runtime right now
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        for index in range(self.model.config.instance_count):
+            name = f"batcher {self.model.name}:{self.model.version}#{index}"
+            self._tasks.append(asyncio.get_running_loop().create_task(self._serve(), name=name))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(InferenceError(grpc.StatusCode.UNAVAILABLE, "model was unloaded"))
+        self._queue.clear()
+
+    def submit(self, job: Job) -> asyncio.Future[JobResult]:
+        """Queues a validated job; RESOURCE_EXHAUSTED at once when the queue is full."""
+        if len(self._queue) >= self.max_queue_size:
+            raise InferenceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"model '{self.model.name}' version {self.model.version}: queue is full "
+                f"({self.max_queue_size} requests waiting); retry later or add workers",
+            )
+        self._queue.append(job)
+        self._arrived.set()
+        return job.future
+
+    async def _serve(self) -> None:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.max_delay:
+                await self._wait_for_more()
+            batch = self._take()
+            self.metrics.queue_depth.set(len(self._queue))
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_for_more(self) -> None:
+        """Waits up to the max queue delay (from the oldest request) for a full or preferred batch."""
+        loop = asyncio.get_running_loop()
+        oldest = self._queue[0]
+        until = loop.time() + self.max_delay - (time.time_ns() - oldest.enqueued_ns) / 1e9
+        while True:
+            rows = sum(job.rows for job in self._queue)
+            if rows >= self.max_rows or rows in self.preferred:
+                return
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[Job]:
+        """The next batch: the oldest live job and the queued jobs that fit with it."""
+        now = asyncio.get_running_loop().time()
+        batch: list[Job] = []
+        leftover: collections.deque[Job] = collections.deque()
+        rows, key = 0, None
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.done():  # the caller went away (cancelled)
+                continue
+            if job.deadline is not None and now > job.deadline:
+                job.future.set_exception(
+                    InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while the request was queued")
+                )
+                continue
+            if key is None:
+                key = job.key
+            if job.key != key or rows + job.rows > self.max_rows:
+                leftover.append(job)
+                if rows >= self.max_rows:
+                    break
+                continue
+            batch.append(job)
+            rows += job.rows
+        leftover.extend(self._queue)
+        self._queue = leftover
+        if self.preferred and rows not in self.preferred:
+            self._trim_to_preferred(batch, rows)
+        return batch
+
+    def _trim_to_preferred(self, batch: list[Job], rows: int) -> None:
+        """Shrinks the batch to the largest preferred size it can hit exactly; the rest go back first in line."""
+        target = max((size for size in self.preferred if size <= rows), default=None)
+        if target is None:
+            return
+        kept_rows, cut = rows, len(batch)
+        while cut > 1 and kept_rows > target:
+            cut -= 1
+            kept_rows -= batch[cut].rows
+        if kept_rows == target:
+            self._queue.extendleft(reversed(batch[cut:]))
+            del batch[cut:]
+
+    async def _execute(self, batch: list[Job]) -> None:
+        size = sum(job.rows for job in batch)
+        self.running += len(batch)
+        span = None
+        if self.tracing:
+            span = self._trace_batch(batch, size)
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch, size, span)
+        except Exception as exc:  # never let the batching loop die
+            log.exception("batch of %d for %s:%s failed", size, self.model.name, self.model.version)
+            outcomes = [_run_error(self.model, exc)] * len(batch)
+        finally:
+            self.running -= len(batch)
+            if span is not None:
+                span.end()
+        self.metrics.batch_size.observe(size)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, InferenceError):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    def _trace_batch(self, batch: list[Job], size: int) -> trace.Span:
+        for job in batch:
+            if job.span_context is not None:
+                parent = trace.set_span_in_context(trace.NonRecordingSpan(job.span_context))
+                tracer.start_span("worker.queue_wait", context=parent, start_time=job.enqueued_ns).end()
+        links = [Link(job.span_context) for job in batch if job.span_context is not None]
+        span = tracer.start_span("worker.batch", links=links, attributes={"meshserve.batch_size": size})
+        return span
+
+    # The methods below run in the executor thread.
+
+    def _run(self, batch: list[Job], size: int, span: trace.Span | None) -> list[JobResult | InferenceError]:
+        try:
+            return self._run_together(batch, size, span)
+        except Exception as exc:
+            if len(batch) == 1:
+                return [_run_error(self.model, exc)]
+        # One of them broke the run: run each alone so only that one fails.
+        outcomes: list[JobResult | InferenceError] = []
+        for job in batch:
+            try:
+                outcomes.extend(self._run_together([job], job.rows, span))
+            except Exception as exc:
+                outcomes.append(_run_error(self.model, exc))
+        return outcomes
+
+    def _run_together(self, batch: list[Job], size: int, span: trace.Span | None) -> list[JobResult]:
+        model = self.model
+        if len(batch) == 1:
+            arrays: Sequence[np.ndarray] = batch[0].inputs
+        else:
+            arrays = [np.concatenate([job.inputs[i] for job in batch]) for i in range(len(model.inputs))]
+        feeds = {spec.name: array for spec, array in zip(model.inputs, arrays, strict=True)}
+        if span is not None:
+            with tracer.start_as_current_span("ort.run", context=trace.set_span_in_context(span)):
+                outputs = model.run(feeds)
+        else:
+            outputs = model.run(feeds)
+        results: list[JobResult] = []
+        start = 0
+        for job in batch:
+            if len(batch) == 1:
+                chosen = [outputs[i] for i in job.output_indices]
+            else:
+                chosen = [outputs[i][start : start + job.rows] for i in job.output_indices]
+                start += job.rows
+            raw = [
+                encode_output(array, model.outputs[i].datatype)
+                for array, i in zip(chosen, job.output_indices, strict=True)
+            ]
+            results.append(JobResult(chosen, raw, size))
+        return results

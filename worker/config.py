@@ -1,0 +1,79 @@
+"""Per-model configuration: `REPO/<model>/config.yaml`, every field optional.
+
+Without a file, the model's ONNX signature and these defaults decide.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_FILE = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config.yaml that cannot be used; the message says which file and why."""
+
+
+class VersionPolicy(BaseModel):
+    """Which versions of a model to serve: `all`, the `latest` N, or `specific` ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["all", "latest", "specific"] = "all"
+    latest: int = Field(default=1, ge=1)
+    versions: list[int] = Field(default_factory=list)
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.policy == "latest":
+            return ordered[-self.latest :]
+        if self.policy == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # 0 turns batching off; batching also needs a dynamic first dimension.
+    max_batch_size: int = Field(default=64, ge=0)
+    # With the greedy batcher batches form while ONNX Runtime runs, so waiting
+    # for more requests only adds latency on an idle worker: 0 by default.
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    # Requests waiting for a batch; beyond this, RESOURCE_EXHAUSTED at once.
+    max_queue_size: int = Field(default=1024, ge=1)
+    execution_providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    instance_count: int = Field(default=1, ge=1)
+    # 0 means one thread per CPU core.
+    intra_op_threads: int = Field(default=0, ge=0)
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> ModelConfig:
+        too_big = [size for size in self.preferred_batch_sizes if size < 1 or size > max(self.max_batch_size, 1)]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes {too_big} must lie in 1..max_batch_size ({self.max_batch_size})")
+        self.preferred_batch_sizes = sorted(set(self.preferred_batch_sizes))
+        return self
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """The model's config.yaml, or the defaults when there is none."""
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return ModelConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,166 @@
+"""The worker process, composed: repository, engine, gRPC server (inference, health, reflection,
+admin), /metrics, self-registration, and the graceful drain on SIGTERM/SIGINT or DrainWorker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from meshserve.telemetry import MetricsServer, process_registry, start_metrics_server
+from protos import grpc_service_pb2_grpc, mesh_pb2_grpc
+from protos._pool import POOL
+from worker.admin import WorkerAdminServicer
+from worker.engine import InferenceEngine
+from worker.metrics import WorkerMetrics
+from worker.registration import WorkerRegistration
+from worker.repository import ModelRepository
+from worker.servicer import InferenceServicer
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+ADMIN_SERVICE = "meshserve.v1.MeshAdmin"
+# After the in-flight work is done, how long gRPC may take to flush the last responses.
+FLUSH_GRACE_S = 2.0
+
+
+def advertised_address(host: str, advertise: str | None) -> str:
+    """What others should dial: the explicit address, else the bind host, else this host's address."""
+    if advertise:
+        return advertise
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    with contextlib.suppress(OSError):
+        return socket.gethostbyname(socket.gethostname())
+    return "127.0.0.1"
+
+
+class WorkerServer:
+    def __init__(self, settings: WorkerSettings, tracing: bool = False) -> None:
+        self.settings = settings
+        self.tracing = tracing
+        self.metrics = WorkerMetrics(process_registry())
+        # ORT runs and model loads; threads start lazily, so the cap only bounds instance_count sums.
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ort")
+        self.repository = ModelRepository(settings.model_repository, self.executor, self.metrics, tracing=tracing)
+        self.engine = InferenceEngine(self.repository, self.metrics, settings.inject_latency_ms, tracing=tracing)
+        self.servicer = InferenceServicer(self.engine)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_server: MetricsServer | None = None
+        self.registration: WorkerRegistration | None = None
+        self._server: grpc.aio.Server | None = None
+        self._drain_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.repository.load_all()
+        if not self.repository.served():
+            log.warning("no model could be loaded from %s; serving none", settings.model_repository)
+        size = settings.max_message_size
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        mesh_pb2_grpc.add_MeshAdminServicer_to_server(WorkerAdminServicer(self.begin_drain), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL
+        )
+        try:
+            self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+        await server.start()
+        self._server = server
+        self.metrics_server = start_metrics_server(self.metrics.registry, settings.metrics_port, settings.host)
+        address = advertised_address(settings.host, settings.advertise_address)
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("worker serving on %s:%d", address, self.port, extra={"port": self.port})
+        if settings.registry:
+            self.registration = WorkerRegistration(
+                settings.registry, address, self.port, self.metrics_server.port, self.repository
+            )
+            await self.registration.start()
+            self.repository.on_change(self._tags_changed)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.begin_drain, None)
+
+    def begin_drain(self, grace: float | None = None) -> int:
+        """Starts the drain once (later calls are no-ops); returns the requests in flight now."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(grace))
+        return self.engine.in_flight
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING, deregister, keep serving for the propagation delay, refuse new work,
+        let in-flight and queued requests finish within the grace period, stop."""
+        settings = self.settings
+        grace = settings.drain_grace if grace is None else grace
+        started = time.monotonic()
+        log.info("draining: %d requests in flight, grace %.1fs", self.engine.in_flight, grace)
+        try:
+            await self.health.enter_graceful_shutdown()
+            if self.registration is not None:
+                try:
+                    await self.registration.drain()
+                except Exception:
+                    log.exception("could not deregister; the registry's health check will drop this worker")
+                await asyncio.sleep(settings.drain_delay)
+            self.engine.draining = True
+            self.servicer.stop_streams()
+            remaining = max(0.0, grace - (time.monotonic() - started))
+            if not await self.engine.wait_idle(remaining):
+                log.warning("drain grace of %.1fs ran out with %d requests in flight", grace, self.engine.in_flight)
+            if self._server is not None:
+                await self._server.stop(FLUSH_GRACE_S)
+            await self.close()
+            log.info("drained and stopped in %.2fs", time.monotonic() - started)
+        finally:
+            self._stopped.set()
+
+    async def close(self) -> None:
+        """Releases everything; safe to call more than once."""
+        if self._server is not None:
+            await self._server.stop(0)
+        await self.repository.close()
+        if self.registration is not None:
+            with contextlib.suppress(Exception):
+                await self.registration.close()
+            self.registration = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _tags_changed(self) -> None:
+        if self.registration is not None:
+            task = asyncio.get_running_loop().create_task(self.registration.update_tags())
+            task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("could not update registry tags: %s", task.exception())
