@@ -27,6 +27,8 @@ DEFAULT_CALIBRATION_SAMPLES = 256
 CALIBRATION_BATCH = 32
 
 Progress = Callable[[int, int], None]
+# Operators whose weights ONNX Runtime's int8 quantizers rewrite; a graph without any gains nothing.
+QUANTIZABLE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "LSTM", "GRU"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ def quantize(
         raise ModelToolError(f"{source} does not exist")
     if output.resolve() == source.resolve():
         raise ModelToolError("write the quantized model to a new file (-o), not over its source")
+    if mode != "fp16":
+        _require_quantizable(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
     samples = 0
@@ -86,6 +90,17 @@ def quantize(
         source.stat().st_size,
         output.stat().st_size,
     )
+
+
+def _require_quantizable(source: Path) -> None:
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(source), load_external_data=False).graph.node}
+    if not ops & QUANTIZABLE_OPS:
+        raise ModelToolError(
+            f"{source} has no {'/'.join(sorted(QUANTIZABLE_OPS))} nodes for int8 quantization to work on "
+            f"(its operators: {', '.join(sorted(ops))}); quantization would only make it larger"
+        )
 
 
 def _dynamic(source: Path, output: Path, per_channel: bool) -> None:
