@@ -68,9 +68,15 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def configure(component: str, level: str = "info", *, json_lines: bool | None = None) -> None:
-    """Sets up the root logger for one process. JSON unless stderr is a terminal."""
-    if level.lower() not in LEVELS:
-        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
+    """Sets up the root logger for one process. JSON unless stderr is a terminal.
+
+    An unknown level falls back to info with a warning: a typo in a variable
+    must not keep a service from starting.
+    """
+    given = level
+    unknown = level.lower() not in LEVELS
+    if unknown:
+        level = "info"
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
@@ -81,3 +87,6 @@ def configure(component: str, level: str = "info", *, json_lines: bool | None = 
     # grpc and urllib3 are chatty at INFO/DEBUG; their warnings still show.
     for noisy in ("grpc", "urllib3", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+    if unknown:
+        choices = ", ".join(LEVELS)
+        logging.getLogger(__name__).warning("unknown log level %r, using info; choose one of %s", given, choices)

@@ -92,9 +92,16 @@ def test_level_filters_records(captured: io.StringIO) -> None:
     assert messages == ["shown"]
 
 
-def test_unknown_level_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown log level 'loud'; use one of debug, info"):
-        logs.configure("worker", "loud")
+def test_unknown_level_falls_back_to_info_and_says_so(captured: io.StringIO) -> None:
+    configure_into(captured, "worker", "loud", json_lines=True)
+
+    logging.getLogger("worker").debug("hidden")
+    logging.getLogger("worker").info("shown")
+
+    entries = [json.loads(line) for line in captured.getvalue().splitlines()]
+    assert entries[0]["level"] == "warning"
+    assert entries[0]["message"].startswith("unknown log level 'loud', using info; choose one of debug, info,")
+    assert [entry["message"] for entry in entries[1:]] == ["shown"]
 
 
 class _Terminal(io.StringIO):

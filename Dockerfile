@@ -1,0 +1,64 @@
+# syntax=docker/dockerfile:1
+#
+# One image for every meshserve component: `meshserve gateway`, `meshserve
+# worker`, `meshserve registry`, and the tools (`meshserve demo-models`, ...).
+# Models are never baked in: mount a model repository at /models.
+#
+#   docker build -t meshserve:cpu .                          # python:3.11-slim base
+#   docker build -t meshserve:cuda --build-arg DEVICE=cuda . # CUDA 12 + cuDNN 9 base
+#
+#   docker run --rm -v $PWD/models:/models:ro meshserve:cpu \
+#       meshserve worker --model-repository /models --registry consul://consul:8500 --port 8001
+
+ARG DEVICE=cpu
+
+FROM python:3.11-slim-bookworm AS base-cpu
+
+# onnxruntime-gpu's CUDA provider needs CUDA 12 and cuDNN 9 user-space libraries.
+FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS base-cuda
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && ln -sf /usr/bin/python3 /usr/local/bin/python
+
+FROM base-${DEVICE} AS build
+ARG DEVICE
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/meshserve
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY protos ./protos
+COPY worker ./worker
+COPY registry ./registry
+COPY loadbalancer ./loadbalancer
+COPY gateway ./gateway
+COPY meshserve ./meshserve
+# pyproject picks onnxruntime-gpu on Linux x86_64; the CPU image swaps it for
+# the much smaller CPU build (same `onnxruntime` module).
+RUN /opt/meshserve/bin/pip install . \
+    && if [ "$DEVICE" = "cpu" ] && /opt/meshserve/bin/pip show onnxruntime-gpu >/dev/null 2>&1; then \
+        /opt/meshserve/bin/pip uninstall -y onnxruntime-gpu && /opt/meshserve/bin/pip install onnxruntime; \
+    fi
+
+FROM base-${DEVICE}
+ARG DEVICE
+COPY --from=build /opt/meshserve /opt/meshserve
+COPY deploy/healthcheck.py /opt/meshserve/healthcheck.py
+# /models exists and belongs to the service user, so a fresh named volume
+# mounted there is writable by `meshserve demo-models`.
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/meshserve meshserve \
+    && mkdir -p /models \
+    && chown meshserve:meshserve /models
+ENV PATH=/opt/meshserve/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    MESHSERVE_IMAGE_DEVICE=${DEVICE}
+USER meshserve
+WORKDIR /home/meshserve
+VOLUME ["/models"]
+# 8001: gRPC (gateway or worker), 8002: Prometheus /metrics.
+EXPOSE 8001 8002
+# gRPC health of the process on 127.0.0.1:$MESHSERVE_PORT (default 8001).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "/opt/meshserve/healthcheck.py"]
+STOPSIGNAL SIGTERM
+CMD ["meshserve", "--help"]
