@@ -1,4 +1,4 @@
-"""`meshserve status` command(s)."""
+"""`meshserve status`: the workers the registry knows, their models, health, device and load."""
 
 from __future__ import annotations
 
@@ -7,3 +7,53 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Adds this module's commands to the CLI."""
+    app.command(name="status")(status)
+
+
+_STYLE = {"passing": "green", "warning": "yellow", "critical": "red", "maintenance": "magenta"}
+
+
+def status(
+    registry: str = typer.Option(
+        None, "--registry", envvar="MESHSERVE_REGISTRY", help="consul://HOST:PORT (default: CONSUL_HTTP_ADDR)"
+    ),
+    service: str = typer.Option("meshserve-worker", "--service", help="Service name the workers register as"),
+) -> None:
+    """Lists workers with their models, check status, device and load. Exits 1 when no worker is passing,
+    2 when the registry cannot be reached."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from registry.blocking import RegistryErrors
+    from registry.inventory import list_instances
+    from registry.url import RegistryURLError
+
+    console = Console()
+    try:
+        instances = asyncio.run(list_instances(registry, service))
+    except RegistryURLError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    except RegistryErrors as exc:
+        console.print(
+            f"[red]error:[/red] registry {registry or '(CONSUL_HTTP_ADDR)'} unreachable: {exc or type(exc).__name__}"
+        )
+        raise typer.Exit(2) from None
+
+    table = Table(title=f"{service}: {sum(i.passing for i in instances)} of {len(instances)} passing")
+    for column in ("address", "id", "models", "status", "device", "load"):
+        table.add_column(column)
+    for health in instances:
+        inst = health.instance
+        models = ", ".join(f"{mv.name}:{mv.version}" for mv in sorted(inst.models)) or "-"
+        load = inst.meta.get("load") or inst.meta.get("queue_depth") or "-"
+        style = _STYLE.get(health.status, "")
+        table.add_row(
+            inst.target, inst.id, models, f"[{style}]{health.status}[/{style}]", inst.meta.get("device", "-"), load
+        )
+    console.print(table)
+    if not any(health.passing for health in instances):
+        console.print("[red]no worker is passing[/red]")
+        raise typer.Exit(1)
