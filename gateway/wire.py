@@ -244,3 +244,8 @@ def scan_response(data: bytes) -> ResponseHead:
             key, value = _parameter_entry(response, start, end)
             parameters[key] = value
     return ResponseHead(error.decode(errors="replace"), response, request_id, parameters)
+
+
+def encode_model_version(version: str) -> bytes:
+    """The `model_version` field (2) of a ModelInferRequest/ModelMetadataRequest/ModelReadyRequest, to append."""
+    return _len_field(_MODEL_VERSION, version.encode())

@@ -1,9 +1,147 @@
-"""`meshserve gateway` command(s)."""
+"""`meshserve gateway`: the authenticated public front door of the mesh."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
+
+if TYPE_CHECKING:
+    from gateway.settings import GatewaySettings
 
 
 def register(app: typer.Typer) -> None:
     """Adds this module's commands to the CLI."""
+    app.command(name="gateway")(gateway)
+
+
+def gateway(
+    registry: str = typer.Option(
+        None, help="consul://HOST:PORT to discover workers [default: consul://127.0.0.1:8500]"
+    ),
+    port: int = typer.Option(None, help="Public gRPC port [default: 8001]"),
+    host: str = typer.Option(None, help="Address to bind [default: 0.0.0.0]"),
+    auth_file: Path = typer.Option(None, help="Tenants, hashed API keys and JWT settings (YAML/JSON); reloaded live"),
+    api_key: str = typer.Option(None, help="A single API key allowed to call every model"),
+    tls_cert: Path = typer.Option(None, help="PEM certificate for TLS on the public port"),
+    tls_key: Path = typer.Option(None, help="PEM private key for TLS on the public port"),
+    worker_tls_ca: Path = typer.Option(None, help="CA of the workers' certificates: TLS to workers"),
+    worker_tls_cert: Path = typer.Option(None, help="Client certificate for mTLS to workers"),
+    worker_tls_key: Path = typer.Option(None, help="Client key for mTLS to workers"),
+    processes: int = typer.Option(None, help="Gateway processes sharing the port (SO_REUSEPORT) [default: 1]"),
+    metrics_port: int = typer.Option(None, help="Prometheus /metrics port; 0 picks a free one [default: 8002]"),
+    log_level: str = typer.Option(None, help="debug, info, warning, error [default: info]"),
+) -> None:
+    """Serves KServe v2 to clients and forwards requests to the workers found in the registry."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from gateway.server import PortInUse
+    from gateway.settings import GatewaySettings
+    from meshserve import logs, telemetry
+    from meshserve.settings import load
+
+    try:
+        settings = load(
+            GatewaySettings,
+            registry=registry,
+            port=port,
+            host=host,
+            auth_file=auth_file,
+            api_key=api_key,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            worker_tls_ca=worker_tls_ca,
+            worker_tls_cert=worker_tls_cert,
+            worker_tls_key=worker_tls_key,
+            processes=processes,
+            metrics_port=metrics_port,
+            log_level=log_level,
+        )
+    except ValidationError as exc:
+        typer.echo(f"invalid gateway settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    logs.configure("gateway", settings.log_level)
+    telemetry.configure_tracing("gateway")
+    children = _spawn_siblings(settings) if settings.processes > 1 else []
+    try:
+        asyncio.run(_serve(settings))
+    except (PortInUse, telemetry.MetricsPortInUse, OSError, ValueError) as exc:
+        typer.echo(f"gateway failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        _stop_siblings(children)
+        telemetry.shutdown()
+
+
+def _spawn_siblings(settings: GatewaySettings) -> list:  # type: ignore[type-arg]
+    """`--processes N`: N-1 more gateway processes on the same port (SO_REUSEPORT), each with its own metrics port."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "MESHSERVE_PROCESSES": str(settings.processes), "MESHSERVE_SIBLING": "1"}
+    args = [a for a in sys.argv[1:]]
+    children = []
+    if os.environ.get("MESHSERVE_SIBLING") == "1":
+        return children
+    for _ in range(settings.processes - 1):
+        command = [sys.executable, "-m", "meshserve", *_without_option(args, "--metrics-port"), "--metrics-port", "0"]
+        children.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
+    return children
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == name:
+            skip = True
+            continue
+        if arg.startswith(name + "="):
+            continue
+        out.append(arg)
+    return out
+
+
+def _stop_siblings(children: list) -> None:  # type: ignore[type-arg]
+    import signal
+    import subprocess
+
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+async def _serve(settings: GatewaySettings) -> None:
+    import asyncio
+    import signal
+
+    from gateway.server import Gateway
+    from meshserve import __version__, telemetry
+
+    registry = telemetry.process_registry()
+    gateway = Gateway(settings, metrics_registry=registry, version=__version__)
+    metrics_server = (
+        telemetry.start_metrics_server(registry, settings.metrics_port) if settings.metrics_port >= 0 else None
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await gateway.start()
+        await stopping.wait()
+    finally:
+        await gateway.stop()
+        metrics_server.close()

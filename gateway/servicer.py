@@ -1,0 +1,95 @@
+"""The KServe v2 RPCs other than ModelInfer, as the mesh answers them.
+
+`ServerLive`/`ServerReady` speak for the mesh (ready: at least one passing
+worker); `ServerMetadata` names the gateway; `ModelReady`/`ModelMetadata` go to
+a worker that serves the model version (NOT_FOUND when nobody does).
+Requests stay bytes where they are forwarded.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from gateway import wire
+from gateway.auth import Authenticator, AuthError
+from gateway.forwarding import failure_status
+from gateway.routes import RouteError, RouteTable
+from gateway.upstream import Upstream
+from loadbalancer.balancer import Balancer
+from loadbalancer.endpoint import Endpoint
+from loadbalancer.errors import AttemptFailed, NoEndpointAvailable
+from protos import grpc_service_pb2 as pb
+
+SERVICE = "inference.GRPCInferenceService"
+
+
+class MeshServicer:
+    def __init__(self, balancer: Balancer, routes: RouteTable, auth: Authenticator, version: str) -> None:
+        self.balancer = balancer
+        self.routes = routes
+        self.auth = auth
+        self.version = version
+
+    def ready(self) -> bool:
+        return bool(self.balancer.endpoints())
+
+    async def server_live(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready())
+
+    async def server_metadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        await self._authenticate(context, None)
+        return pb.ServerMetadataResponse(name="meshserve", version=self.version, extensions=[])
+
+    async def model_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._routed("ModelReady", request, context)
+
+    async def model_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._routed("ModelMetadata", request, context)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext, model: str | None) -> None:
+        try:
+            tenant = self.auth.authenticate(context.invocation_metadata())
+            if model is not None:
+                self.auth.authorize(tenant, model)
+        except AuthError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def _routed(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # ModelReadyRequest and ModelMetadataRequest share ModelInferRequest's
+        # field numbers for name (1) and version (2).
+        try:
+            head = wire.scan_request(request)
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method}Request: {exc}")
+            raise
+        await self._authenticate(context, head.model_name)
+        if not head.model_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
+        try:
+            version = self.routes.resolve(head.model_name, head.model_version)
+        except RouteError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise
+        # The worker must answer for the version the route chose.
+        forwarded = request + wire.encode_model_version(version) if not head.model_version else request
+
+        async def attempt(endpoint: Endpoint, remaining: float | None) -> bytes:
+            upstream: Upstream = endpoint.connection  # type: ignore[assignment]
+            return await upstream.unary(method, forwarded, remaining)
+
+        timeout = context.time_remaining()
+        try:
+            return await self.balancer.call(head.model_name, version, attempt, timeout=timeout or 10.0)
+        except (AttemptFailed, NoEndpointAvailable, grpc.aio.AioRpcError, TimeoutError) as exc:
+            code, message = failure_status(exc)
+            await context.abort(code, message)
+            raise

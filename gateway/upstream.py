@@ -1,0 +1,189 @@
+"""The gateway's connection to one worker: a channel and a few multiplexed streams.
+
+A unary call costs several times the CPU of one message on an open stream
+(DESIGN.md, performance notes), so requests to a worker travel over a small
+pool of long-lived `ModelStreamInfer` streams. Each request gets a hop id
+(appended to its bytes); the worker echoes it, and a reader task per stream
+hands each response to the request waiting for that id. A stream that breaks
+fails all of its in-flight requests with a retryable UNAVAILABLE, so the
+balancer fails them over to another worker; the next request opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from gateway import wire
+from loadbalancer.errors import AttemptFailed
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/inference.GRPCInferenceService/"
+# Pings more often than the server's min_recv_ping_interval (5 min by
+# default) count as abuse and end in GOAWAY; a killed worker is noticed at
+# once through its closed socket anyway.
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.enable_retries", 0),
+]
+
+
+@dataclass(frozen=True)
+class UpstreamOptions:
+    streams: int = 2
+    max_message_bytes: int = 64 * 1024 * 1024
+    credentials: grpc.ChannelCredentials | None = None  # mTLS to workers; None: plaintext
+
+
+class _Stream:
+    """One `ModelStreamInfer` call and the requests waiting on it."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+        self.call = upstream._stream_method()
+        self.pending: dict[bytes, asyncio.Future[wire.ResponseHead]] = {}
+        self.broken = False
+        # gRPC allows one outstanding send per call.
+        self._write_lock = asyncio.Lock()
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"upstream-read {upstream.target}")
+
+    async def send(self, message: bytes) -> None:
+        try:
+            async with self._write_lock:
+                await self.call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
+            raise AttemptFailed(grpc.StatusCode.UNAVAILABLE, f"worker {self._upstream.target} unreachable") from exc
+
+    async def _read(self) -> None:
+        reason = "stream ended"
+        try:
+            while True:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
+                    break
+                head = wire.scan_response(message)
+                future = self.pending.pop(head.id, None)
+                if future is not None and not future.done():
+                    future.set_result(head)
+        except grpc.aio.AioRpcError as exc:
+            reason = _describe(exc)
+        except wire.WireError as exc:
+            reason = f"unreadable response: {exc}"
+            self.call.cancel()
+        except asyncio.CancelledError:
+            reason = "connection closed"
+            raise
+        finally:
+            self._break(f"stream to worker {self._upstream.target} broke: {reason}")
+
+    def _break(self, reason: str) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        self._upstream._forget(self)
+        pending, self.pending = self.pending, {}
+        if pending:
+            log.warning("%s; failing over %d request(s)", reason, len(pending))
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(AttemptFailed(grpc.StatusCode.UNAVAILABLE, reason))
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._reader
+
+
+class Upstream:
+    """What the gateway's connector returns for an endpoint (the balancer's `Connection`)."""
+
+    def __init__(self, target: str, options: UpstreamOptions | None = None) -> None:
+        self.target = target
+        self.options = options or UpstreamOptions()
+        channel_options = [
+            *_CHANNEL_OPTIONS,
+            ("grpc.max_send_message_length", self.options.max_message_bytes),
+            ("grpc.max_receive_message_length", self.options.max_message_bytes),
+        ]
+        if self.options.credentials is not None:
+            self.channel = grpc.aio.secure_channel(target, self.options.credentials, options=channel_options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=channel_options)
+        # No (de)serializers: bytes in, bytes out.
+        self._stream_method = self.channel.stream_stream(SERVICE + "ModelStreamInfer")
+        self._unary = {
+            name: self.channel.unary_unary(SERVICE + name) for name in ("ModelMetadata", "ModelReady", "ModelInfer")
+        }
+        self._streams: list[_Stream] = []
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def _forget(self, stream: _Stream) -> None:
+        with contextlib.suppress(ValueError):
+            self._streams.remove(stream)
+
+    def _pick(self) -> _Stream:
+        streams = self._streams
+        if len(streams) < self.options.streams:
+            if self._closed:
+                raise AttemptFailed(grpc.StatusCode.UNAVAILABLE, f"connection to worker {self.target} is closed")
+            stream = _Stream(self)
+            streams.append(stream)
+            return stream
+        best = streams[0]
+        for stream in streams:
+            if len(stream.pending) < len(best.pending):
+                best = stream
+        return best
+
+    async def infer(self, request: bytes, extra: bytes, timeout_s: float | None) -> wire.ResponseHead:
+        """Sends a serialized ModelInferRequest (+ appended `extra` fields) and waits for its response.
+
+        Raises AttemptFailed(UNAVAILABLE) when the stream breaks, TimeoutError
+        when `timeout_s` passes first.
+        """
+        stream = self._pick()
+        hop_id = b"%x" % next(self._ids)
+        future: asyncio.Future[wire.ResponseHead] = asyncio.get_running_loop().create_future()
+        stream.pending[hop_id] = future
+        timer = None
+        try:
+            await stream.send(request + wire.encode_id(hop_id) + extra)
+            if timeout_s is not None:
+                timer = asyncio.get_running_loop().call_later(timeout_s, _expire, future)
+            return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            stream.pending.pop(hop_id, None)
+
+    async def unary(self, method: str, request: bytes, timeout_s: float | None) -> bytes:
+        """A unary call with raw bytes (metadata RPCs; they are rare)."""
+        return await self._unary[method](request, timeout=timeout_s)
+
+    async def close(self) -> None:
+        self._closed = True
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            await stream.close()
+        await self.channel.close()
+
+
+def _expire(future: asyncio.Future[wire.ResponseHead]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("deadline exceeded waiting for the worker"))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
