@@ -19,6 +19,7 @@ import grpc
 from worker.batcher import Batcher
 from worker.config import ConfigError, ModelConfig, load_model_config
 from worker.errors import InferenceError
+from worker.manifest import ManifestError, verify_version_dir
 from worker.metrics import WorkerMetrics
 from worker.runtime import ModelLoadError, OnnxModel, usable_providers
 
@@ -64,11 +65,19 @@ class ModelRepository:
         self.failures: dict[str, str] = {}  # "name:version" or "name" -> why it is not served
         self._listeners: list[Callable[[], None]] = []
         self._providers: list[str] | None = None
+        # Versions being unloaded: still answering, no longer advertised (see unload_version).
+        self._retiring: set[tuple[str, int]] = set()
 
     # -- what is served --------------------------------------------------
 
     def served(self) -> list[tuple[str, int]]:
-        return sorted((name, version) for name, versions in self._models.items() for version in versions)
+        """The versions to advertise: loaded and not retiring."""
+        return sorted(
+            (name, version)
+            for name, versions in self._models.items()
+            for version in versions
+            if (name, version) not in self._retiring
+        )
 
     def model_names(self) -> list[str]:
         return sorted(self._models)
@@ -88,9 +97,11 @@ class ModelRepository:
             return versions[max(versions)]
         served = versions.get(int(version)) if version.isdigit() else None
         if served is None:
+            why = self.failures.get(f"{name}:{version}")
             raise InferenceError(
                 grpc.StatusCode.NOT_FOUND,
-                f"model '{name}' has no version '{version}'; served versions: {sorted(versions)}",
+                f"model '{name}' has no version '{version}'; served versions: {sorted(versions)}"
+                + (f" (version {version} was refused: {why})" if why else ""),
             )
         return served
 
@@ -157,24 +168,42 @@ class ModelRepository:
         self._changed()
         return self._models[name][version]
 
-    async def unload_version(self, name: str, version: int) -> None:
-        """Stops serving one version; requests still queued for it get UNAVAILABLE."""
+    async def unload_version(self, name: str, version: int, drain_s: float = 0.0) -> None:
+        """Stops serving one version. With `drain_s`, it first leaves the advertised list (registry tags) and
+        keeps answering for `drain_s` seconds while balancers catch up, then finishes its queued work before it
+        stops; without, requests still queued for it get UNAVAILABLE."""
+        if version not in self._models.get(name, {}):
+            return
+        if drain_s > 0:
+            self._retiring.add((name, version))
+            self._changed()
+            try:
+                await asyncio.sleep(drain_s)
+            finally:
+                self._retiring.discard((name, version))
         versions = self._models.get(name, {})
         served = versions.pop(version, None)
         if not versions:
             self._models.pop(name, None)
         if served is None:
             return
+        if drain_s > 0:
+            await _wait_idle(served.batcher, max(drain_s, 5.0))
         await served.batcher.stop()
         log.info("unloaded model %s version %d", name, version, extra={"model": f"{name}:{version}"})
         self._changed()
 
     async def close(self) -> None:
-        for name, version in self.served():
-            await self.unload_version(name, version)
+        for name, versions in list(self._models.items()):
+            for version in list(versions):
+                await self.unload_version(name, version)
 
     @staticmethod
     def _open(name: str, version: int, path: Path, config: ModelConfig, providers: list[str]) -> OnnxModel:
+        try:
+            verify_version_dir(path.parent)
+        except ManifestError as exc:
+            raise ModelLoadError(f"refused: {exc}") from exc
         model = OnnxModel(name, version, path, config, providers)
         model.warm_up()
         return model
@@ -186,3 +215,14 @@ class ModelRepository:
     def _changed(self) -> None:
         for listener in self._listeners:
             listener()
+
+
+async def _wait_idle(batcher: Batcher, limit_s: float) -> None:
+    """Waits until the batcher has nothing queued or running (seen twice, so a request that resolved the
+    version just before it was unlisted has had its turn to enqueue), or `limit_s` seconds pass."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + limit_s
+    quiet = 0
+    while quiet < 2 and loop.time() < until:
+        quiet = quiet + 1 if not (batcher.depth or batcher.running) else 0
+        await asyncio.sleep(0.02)

@@ -25,6 +25,7 @@ from worker.registration import WorkerRegistration
 from worker.repository import ModelRepository
 from worker.servicer import InferenceServicer
 from worker.settings import WorkerSettings
+from worker.watcher import RepositoryWatcher
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class WorkerServer:
         self.port = 0
         self.metrics_server: MetricsServer | None = None
         self.registration: WorkerRegistration | None = None
+        self.watcher: RepositoryWatcher | None = None
         self._server: grpc.aio.Server | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -99,6 +101,9 @@ class WorkerServer:
             )
             await self.registration.start()
             self.repository.on_change(self._tags_changed)
+        if settings.watch_interval > 0:
+            self.watcher = RepositoryWatcher(self.repository, settings.watch_interval, settings.unload_drain)
+            self.watcher.start()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,6 +148,9 @@ class WorkerServer:
 
     async def close(self) -> None:
         """Releases everything; safe to call more than once."""
+        if self.watcher is not None:
+            await self.watcher.stop()
+            self.watcher = None
         if self._server is not None:
             await self._server.stop(0)
         await self.repository.close()

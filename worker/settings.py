@@ -20,4 +20,10 @@ class WorkerSettings(MeshSettings):
     max_message_size: int = Field(default=64 * 1024 * 1024, gt=0, description="bytes, both directions")
     drain_grace: float = Field(default=30.0, ge=0, description="seconds in-flight work may take after SIGTERM")
     drain_delay: float = Field(default=1.0, ge=0, description="seconds to keep serving after deregistering")
+    watch_interval: float = Field(
+        default=1.0, ge=0, description="seconds between scans for new/removed model versions; 0 turns hot loading off"
+    )
+    unload_drain: float = Field(
+        default=2.0, ge=0, description="seconds a removed version keeps answering after leaving the registry tags"
+    )
     inject_latency_ms: float = Field(default=0.0, ge=0, description="test aid: fixed delay added to every request")
