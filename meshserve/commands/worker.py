@@ -29,6 +29,12 @@ def worker(
     max_message_size: int = typer.Option(None, help="Largest gRPC message in bytes [default: 64 MiB]"),
     drain_grace: float = typer.Option(None, help="Seconds in-flight work may take after SIGTERM [default: 30]"),
     drain_delay: float = typer.Option(None, help="Seconds to keep serving after deregistering [default: 1]"),
+    watch_interval: float = typer.Option(
+        None, help="Seconds between scans for new/removed model versions; 0 turns hot loading off [default: 1]"
+    ),
+    unload_drain: float = typer.Option(
+        None, help="Seconds a removed version keeps answering after leaving the registry [default: 2]"
+    ),
     inject_latency_ms: float = typer.Option(None, help="Test aid: fixed delay added to every request [default: 0]"),
 ) -> None:
     """Serves the ONNX models of a repository; drains gracefully on SIGTERM/SIGINT."""
@@ -53,6 +59,8 @@ def worker(
             max_message_size=max_message_size,
             drain_grace=drain_grace,
             drain_delay=drain_delay,
+            watch_interval=watch_interval,
+            unload_drain=unload_drain,
             inject_latency_ms=inject_latency_ms,
         )
     except ValidationError as exc:
