@@ -77,7 +77,8 @@ def connect(address: ConsulAddress | str | None) -> consul.aio.Consul:
     """An async py-consul client for `address`. Call inside a running event loop; close it with `await c.close()`."""
     if not isinstance(address, ConsulAddress):
         address = parse_registry_url(address)
-    verify: bool | str = address.ca_file or True
+    # py-consul builds an SSL context whenever verify is truthy, even for plain http.
+    verify: bool | str = (address.ca_file or True) if address.scheme == "https" else False
     return consul.aio.Consul(
         host=address.host, port=address.port, scheme=address.scheme, token=address.token, verify=verify
     )
