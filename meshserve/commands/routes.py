@@ -4,6 +4,109 @@ from __future__ import annotations
 
 import typer
 
+DEFAULT_REGISTRY = "consul://127.0.0.1:8500"
+ROUTES_PREFIX = "meshserve/routes/"
+
 
 def register(model_app: typer.Typer) -> None:
     """Adds rollout/rollback to the `model` command group."""
+    model_app.command("rollout")(rollout)
+    model_app.command("rollback")(rollback)
+
+
+def rollout(
+    model: str = typer.Argument(..., help="Model name"),
+    version: str = typer.Option(..., help="Version to send traffic to"),
+    weight: int = typer.Option(100, help="Percent of the traffic for VERSION; 100 pins it"),
+    registry: str = typer.Option(DEFAULT_REGISTRY, envvar="MESHSERVE_REGISTRY", help="consul://HOST:PORT"),
+) -> None:
+    """Sends WEIGHT% of MODEL's traffic (requests naming no version) to VERSION; gateways apply it within 1 s."""
+
+    from gateway.routes import rollout as plan_rollout
+
+    async def change() -> dict:
+        current = await _read_route(registry, model)
+        stable = None
+        if current is None or not current[0].weights:
+            stable = await _stable_version(registry, model, exclude=version)
+        route = plan_rollout(current[0] if current else None, version, weight, stable)
+        await _write_route(registry, model, route, current[1] if current else 0)
+        return dict(route.weights)
+
+    weights = _run(change())
+    typer.echo(f"{model}: {_describe(weights)}")
+
+
+def rollback(
+    model: str = typer.Argument(..., help="Model name"),
+    registry: str = typer.Option(DEFAULT_REGISTRY, envvar="MESHSERVE_REGISTRY", help="consul://HOST:PORT"),
+) -> None:
+    """Restores MODEL's route from before the last rollout, in one step."""
+    from gateway.routes import rollback as plan_rollback
+
+    async def change() -> dict:
+        current = await _read_route(registry, model)
+        route = plan_rollback(current[0] if current else None)
+        await _write_route(registry, model, route, current[1] if current else 0)
+        return dict(route.weights)
+
+    weights = _run(change())
+    typer.echo(f"{model} rolled back: {_describe(weights)}")
+
+
+def _describe(weights: dict) -> str:
+    return ", ".join(f"version {v} {w}%" for v, w in weights.items())
+
+
+def _run(coroutine):  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import aiohttp
+
+    try:
+        return asyncio.run(coroutine)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        typer.echo(f"error: cannot reach the registry: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # py-consul raises its own exception types for HTTP errors
+        typer.echo(f"error: registry request failed: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+async def _read_route(registry: str, model: str):  # type: ignore[no-untyped-def]
+    from gateway.routes import Route
+    from registry.discovery import kv_get
+
+    value, index = await kv_get(registry, ROUTES_PREFIX + model)
+    if value is None:
+        return None
+    return Route.from_json(value), index
+
+
+async def _write_route(registry: str, model: str, route, index: int) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from registry.discovery import kv_put
+
+    if not await kv_put(registry, ROUTES_PREFIX + model, json.dumps(route.to_json()), cas=index):
+        raise ValueError(f"the route of {model} changed while this command ran; run it again")
+
+
+async def _stable_version(registry: str, model: str, exclude: str) -> str | None:
+    """The newest version passing workers serve, other than the one being rolled out."""
+    import asyncio
+
+    from gateway.routes import newest
+    from registry.discovery import ServiceWatcher
+
+    watcher = ServiceWatcher(registry)
+    try:
+        async with asyncio.timeout(10):
+            changes = await anext(watcher)
+    finally:
+        await watcher.close()
+    versions = {mv.version for c in changes for mv in c.instance.models if mv.name == model and mv.version != exclude}
+    return newest(versions) if versions else None
