@@ -177,7 +177,10 @@ class _SklearnConverter:
         path.write_bytes(onnx_model.SerializeToString())
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(inputs) if self.classifier else np.asarray(self.model.predict(inputs))
+        if self.classifier:
+            return self.model.predict_proba(inputs)
+        # skl2onnx regressors answer (N, targets), scikit-learn (N,) for a single target.
+        return np.asarray(self.model.predict(inputs)).reshape(len(inputs), -1)
 
     def compared_output(self, onnx_outputs: list[np.ndarray]) -> int:
         # Classifiers: (label, probabilities); regressors: (variable,).
@@ -194,7 +197,8 @@ class _TorchConverter:
 
     @staticmethod
     def _load(torch: Any, source: Path) -> Any:
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript loading is deprecated but still how scripted models ship
             return torch.jit.load(str(source), map_location="cpu")
         try:
             model = torch.load(str(source), map_location="cpu", weights_only=False)
