@@ -32,6 +32,10 @@ class DemoReport:
 
 def _save(model: onnx.ModelProto, root: Path, name: str, version: int = 1, config: str | None = None) -> None:
     model.ir_version = IR_VERSION
+    # skl2onnx lists opsets in set order, which varies run to run; sort them for identical bytes.
+    opsets = sorted(model.opset_import, key=lambda opset: opset.domain)
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
     onnx.checker.check_model(model)
     directory = root / name / str(version)
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,7 @@ def build_digits() -> tuple[onnx.ModelProto, float]:
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     features, labels = load_digits(return_X_y=True)
     features = features.astype(np.float32)
@@ -63,7 +68,10 @@ def build_digits() -> tuple[onnx.ModelProto, float]:
         features, labels, test_size=0.25, random_state=0, stratify=labels
     )
     classifier = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=0))
-    classifier.fit(x_train, y_train)
+    # One BLAS thread: the same weights on every machine, and no thread spinning
+    # on a loaded host (which made the fit 20x slower).
+    with threadpool_limits(1):
+        classifier.fit(x_train, y_train)
     accuracy = float(classifier.score(x_test, y_test))
     onnx_model = to_onnx(
         classifier,

@@ -133,7 +133,9 @@ class WorkerServer:
                     await self.registration.drain()
                 except Exception:
                     log.exception("could not deregister; the registry's health check will drop this worker")
-                await asyncio.sleep(settings.drain_delay)
+            # Balancers (registry watchers, health checkers) need a moment to stop picking
+            # this worker; requests already on their way are still served meanwhile.
+            await asyncio.sleep(settings.drain_delay)
             self.engine.draining = True
             self.servicer.stop_streams()
             remaining = max(0.0, grace - (time.monotonic() - started))

@@ -19,7 +19,9 @@ class WorkerSettings(MeshSettings):
     log_level: str = "info"
     max_message_size: int = Field(default=64 * 1024 * 1024, gt=0, description="bytes, both directions")
     drain_grace: float = Field(default=30.0, ge=0, description="seconds in-flight work may take after SIGTERM")
-    drain_delay: float = Field(default=1.0, ge=0, description="seconds to keep serving after deregistering")
+    drain_delay: float = Field(
+        default=1.0, ge=0, description="seconds to keep serving after NOT_SERVING / deregistering"
+    )
     watch_interval: float = Field(
         default=1.0, ge=0, description="seconds between scans for new/removed model versions; 0 turns hot loading off"
     )

@@ -61,7 +61,9 @@ def assert_still_serves(client: triton.InferenceServerClient) -> None:
     assert client.infer("digits", [digits_input(x)]).as_numpy("probabilities").shape == (2, 10)
 
 
-def call_error(client: triton.InferenceServerClient, model: str, inputs: list, **kwargs: object) -> InferenceServerException:
+def call_error(
+    client: triton.InferenceServerClient, model: str, inputs: list, **kwargs: object
+) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as caught:
         client.infer(model, inputs, **kwargs)
     error = caught.value
@@ -70,9 +72,8 @@ def call_error(client: triton.InferenceServerClient, model: str, inputs: list, *
 
 
 def raw_call(address: str, request: service_pb2.ModelInferRequest) -> grpc.RpcError:
-    with grpc.insecure_channel(address) as channel:
-        with pytest.raises(grpc.RpcError) as caught:
-            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert "Traceback" not in (caught.value.details() or "")
     return caught.value
 

@@ -55,7 +55,9 @@ def client(served: tuple[ManagedProcess, str]) -> Iterator[triton.InferenceServe
 
 
 def local_run(repository: Path, name: str, feeds: dict[str, np.ndarray], version: int = 1) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(repository / name / str(version) / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repository / name / str(version) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     return session.run(None, feeds)
 
 
@@ -92,9 +94,7 @@ def test_demo_model_outputs_equal_onnx_runtime_raw(
 
 def test_requested_output_only(client: triton.InferenceServerClient, repository: Path) -> None:
     x = DEMO_INPUTS["digits"]()
-    result = client.infer(
-        "digits", [triton_input("input", x, "FP32")], outputs=[triton.InferRequestedOutput("label")]
-    )
+    result = client.infer("digits", [triton_input("input", x, "FP32")], outputs=[triton.InferRequestedOutput("label")])
     assert [o.name for o in result.get_response().outputs] == ["label"]
     np.testing.assert_array_equal(result.as_numpy("label"), local_run(repository, "digits", {"input": x})[0])
 
@@ -223,9 +223,7 @@ def test_reflection_lists_the_services(served: tuple[ManagedProcess, str]) -> No
 def test_load_report_in_trailing_metadata(served: tuple[ManagedProcess, str]) -> None:
     with grpc.insecure_channel(served[1]) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        _, call = stub.ModelInfer.with_call(
-            typed_request("add", "x", np.zeros((1, 4), np.float32), "FP32"), timeout=10
-        )
+        _, call = stub.ModelInfer.with_call(typed_request("add", "x", np.zeros((1, 4), np.float32), "FP32"), timeout=10)
     trailer = dict(call.trailing_metadata())
     assert int(trailer["meshserve-queue-depth"]) == 0
     assert int(trailer["meshserve-in-flight"]) == 0  # nothing else is in flight once this one is answered

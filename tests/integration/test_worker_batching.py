@@ -1,0 +1,59 @@
+"""Dynamic batching under 32 concurrent tritonclient.aio clients against a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+
+from tests.harness import ProcessGroup
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = 32
+REQUESTS_PER_CLIENT = 8
+
+
+@pytest.mark.parametrize("model", ["mlp784", "cnn"])
+async def test_concurrent_clients_are_batched_and_answered_correctly(
+    model: str, demo_repository: Path, processes: ProcessGroup
+) -> None:
+    proc, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    sample_shape = (784,) if model == "mlp784" else (1, 64, 64)
+    rng = np.random.default_rng(3)
+    inputs = rng.random((CLIENTS, REQUESTS_PER_CLIENT, 1, *sample_shape), dtype=np.float32)
+    session = ort.InferenceSession(
+        str(demo_repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    batch_sizes: list[int] = []
+
+    async with triton_aio.InferenceServerClient(address) as client:
+
+        async def one_client(index: int) -> None:
+            for step in range(REQUESTS_PER_CLIENT):
+                x = inputs[index, step]
+                tensor = triton.InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                result = await client.infer(model, [tensor], client_timeout=60)
+                expected = session.run(None, {"input": x})[0]
+                np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-4, atol=1e-6)
+                batch_sizes.append(result.get_response().parameters["meshserve.batch_size"].int64_param)
+
+        await asyncio.gather(*(one_client(i) for i in range(CLIENTS)))
+
+    assert len(batch_sizes) == CLIENTS * REQUESTS_PER_CLIENT
+    assert max(batch_sizes) > 1, batch_sizes
+    # The metric tells the same story.
+    port = int(re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", proc.output()).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    count = float(re.search(rf'meshserve_batch_size_count{{component="worker",model="{model}"}} (\S+)', text).group(1))
+    total = float(re.search(rf'meshserve_batch_size_sum{{component="worker",model="{model}"}} (\S+)', text).group(1))
+    assert total == CLIENTS * REQUESTS_PER_CLIENT  # every request's one row, counted once (warm-up is not)
+    assert count < total  # fewer runs than requests: batches merged requests

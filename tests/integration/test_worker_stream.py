@@ -1,0 +1,149 @@
+"""ModelStreamInfer, the gateway -> worker hop: ids, concurrency, per-request deadlines, draining."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from protos import mesh_pb2, mesh_pb2_grpc
+from tests.harness import ProcessGroup, grpc_serving
+
+pytestmark = pytest.mark.integration
+
+OK, DEADLINE_EXCEEDED, UNAVAILABLE = 0, 4, 14
+
+
+def request(
+    model: str, x: np.ndarray, request_id: str, deadline_ms: int | None = None
+) -> service_pb2.ModelInferRequest:
+    message = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    message.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    message.raw_input_contents.append(x.tobytes())
+    if deadline_ms is not None:
+        message.parameters["meshserve.deadline_ms"].int64_param = deadline_ms
+    return message
+
+
+class Stream:
+    """One ModelStreamInfer call: send requests any time, collect responses by id."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._outgoing: asyncio.Queue[service_pb2.ModelInferRequest | None] = asyncio.Queue()
+        self.call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(self._requests())
+        self.order: list[str] = []
+
+    async def _requests(self) -> AsyncIterator[service_pb2.ModelInferRequest]:
+        while (item := await self._outgoing.get()) is not None:
+            yield item
+
+    def send(self, message: service_pb2.ModelInferRequest) -> None:
+        self._outgoing.put_nowait(message)
+
+    def close(self) -> None:
+        self._outgoing.put_nowait(None)
+
+    async def receive(self, count: int) -> dict[str, service_pb2.ModelStreamInferResponse]:
+        replies = {}
+        for _ in range(count):
+            reply = await asyncio.wait_for(self.call.read(), 60)
+            assert reply is not grpc.aio.EOF
+            self.order.append(reply.infer_response.id)
+            replies[reply.infer_response.id] = reply
+        return replies
+
+
+def status_of(reply: service_pb2.ModelStreamInferResponse) -> int:
+    params = reply.infer_response.parameters
+    return params["meshserve.status_code"].int64_param if "meshserve.status_code" in params else OK
+
+
+async def test_requests_on_one_stream_run_concurrently_and_echo_ids(
+    demo_repository: Path, processes: ProcessGroup
+) -> None:
+    _, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    rng = np.random.default_rng(5)
+    sessions = {m: ort.InferenceSession(str(demo_repository / m / "1" / "model.onnx")) for m in ("cnn", "digits")}
+    # A slow CNN batch first, then quick digits requests: the quick ones overtake it.
+    sent = [("slow", "cnn", rng.random((32, 1, 64, 64), dtype=np.float32))]
+    sent += [(f"quick-{i}", "digits", rng.random((1 + i % 3, 64), dtype=np.float32) * 16) for i in range(20)]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = Stream(channel)
+        for request_id, model, x in sent:
+            stream.send(request(model, x, request_id))
+        replies = await stream.receive(len(sent))
+        stream.close()
+        assert await stream.call.code() == grpc.StatusCode.OK
+    assert stream.order[-1] == "slow", "the stream was processed one request at a time"
+    for request_id, model, x in sent:
+        reply = replies[request_id]
+        assert reply.error_message == ""
+        response = reply.infer_response
+        assert response.model_name == model
+        assert response.parameters["meshserve.in_flight"].int64_param >= 0
+        assert response.parameters["meshserve.queue_depth"].int64_param >= 0
+        index = [o.name for o in response.outputs].index("probabilities")
+        got = np.frombuffer(response.raw_output_contents[index], dtype=np.float32).reshape(x.shape[0], 10)
+        expected = sessions[model].run(["probabilities"], {"input": x})[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+async def test_errors_on_a_stream_name_their_request(demo_repository: Path, processes: ProcessGroup) -> None:
+    _, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = Stream(channel)
+        stream.send(request("digits", np.ones((1, 63), np.float32), "bad-shape"))
+        stream.send(request("nope", np.ones((1, 64), np.float32), "bad-model"))
+        stream.send(request("digits", np.ones((1, 64), np.float32), "good"))
+        replies = await stream.receive(3)
+        stream.close()
+    assert status_of(replies["bad-shape"]) == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "expected shape [-1, 64], got [1, 63]" in replies["bad-shape"].error_message
+    assert status_of(replies["bad-model"]) == grpc.StatusCode.NOT_FOUND.value[0]
+    assert replies["good"].error_message == "" and status_of(replies["good"]) == OK
+
+
+async def test_deadline_passed_is_dropped_and_draining_is_answered(
+    demo_repository: Path, processes: ProcessGroup
+) -> None:
+    proc, address = processes.worker(
+        demo_repository, "--host", "127.0.0.1", "--inject-latency-ms", "400", "--drain-delay", "0"
+    )
+    x = np.ones((1, 64), np.float32)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = Stream(channel)
+        # 400 ms of injected latency: a 50 ms budget is spent before the model runs.
+        stream.send(request("digits", x, "late", deadline_ms=50))
+        stream.send(request("digits", x, "in-time", deadline_ms=30_000))
+        for i in range(4):
+            stream.send(request("digits", x, f"in-flight-{i}"))
+        await asyncio.sleep(0.1)  # let the worker read them
+        drained = await mesh_pb2_grpc.MeshAdminStub(channel).DrainWorker(mesh_pb2.DrainWorkerRequest(), timeout=5)
+        assert drained.in_flight == 6
+        stream.send(request("digits", x, "after-drain"))
+        unary = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request("digits", x, "unary"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details().startswith("worker is draining")
+        assert ("meshserve-draining", "1") in tuple(refused.value.trailing_metadata())
+        assert not grpc_serving(address)
+        replies = await stream.receive(7)
+        # The draining worker ends the stream once its requests are answered.
+        assert await asyncio.wait_for(stream.call.read(), 10) is grpc.aio.EOF
+        assert await stream.call.code() == grpc.StatusCode.OK
+    assert status_of(replies["late"]) == DEADLINE_EXCEEDED
+    assert status_of(replies["in-time"]) == OK
+    for i in range(4):
+        assert status_of(replies[f"in-flight-{i}"]) == OK
+    refusal = replies["after-drain"]
+    assert status_of(refusal) == UNAVAILABLE
+    assert refusal.error_message.startswith("worker is draining")
+    assert refusal.infer_response.parameters["meshserve.draining"].bool_param
+    assert proc.popen.wait(timeout=20) == 0
