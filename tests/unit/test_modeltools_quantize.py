@@ -89,11 +89,8 @@ def test_cli_validate_exits_nonzero_for_broken_calibration(
 ) -> None:
     np.save(tmp_path / "constant.npy", np.zeros((64, 64), dtype=np.float32))  # blank images
     runner = CliRunner()
-    made = runner.invoke(
-        app,
-        ["model", "quantize", str(digits_v1), "-o", str(tmp_path / "q.onnx"), "--mode", "static"]
-        + ["--calibration", str(tmp_path / "constant.npy")],
-    )
+    calibration = ["--mode", "static", "--calibration", str(tmp_path / "constant.npy")]
+    made = runner.invoke(app, ["model", "quantize", str(digits_v1), "-o", str(tmp_path / "q.onnx"), *calibration])
     assert made.exit_code == 0, made.output
     checked = runner.invoke(
         app, ["model", "validate", str(tmp_path / "q.onnx"), "--reference", str(digits_v1), "--data", "digits"]
@@ -120,7 +117,7 @@ def test_graph_without_weights_to_quantize_is_refused(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.save(model, str(tmp_path / "relu.onnx"))
-    with pytest.raises(ModelToolError, match="nothing|no MatMul|would only make it larger"):
+    with pytest.raises(ModelToolError, match="would only make it larger"):
         quantize(tmp_path / "relu.onnx", tmp_path / "q.onnx", mode="dynamic")
 
 
