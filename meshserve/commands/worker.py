@@ -29,7 +29,7 @@ def worker(
     max_message_size: int = typer.Option(None, help="Largest gRPC message in bytes [default: 64 MiB]"),
     drain_grace: float = typer.Option(None, help="Seconds in-flight work may take after SIGTERM [default: 30]"),
     drain_delay: float = typer.Option(
-        None, help="Seconds to keep serving after NOT_SERVING/deregistering [default: 1]"
+        None, help="Seconds to keep serving after NOT_SERVING [default: 1]"
     ),
     watch_interval: float = typer.Option(
         None, help="Seconds between scans for new/removed model versions; 0 turns hot loading off [default: 1]"

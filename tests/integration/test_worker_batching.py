@@ -52,7 +52,8 @@ async def test_concurrent_clients_are_batched_and_answered_correctly(
     assert max(batch_sizes) > 1, batch_sizes
     # The metric tells the same story.
     port = int(re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", proc.output()).group(1))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = (await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5)).read()
+    text = text.decode()
     count = float(re.search(rf'meshserve_batch_size_count{{component="worker",model="{model}"}} (\S+)', text).group(1))
     total = float(re.search(rf'meshserve_batch_size_sum{{component="worker",model="{model}"}} (\S+)', text).group(1))
     assert total == CLIENTS * REQUESTS_PER_CLIENT  # every request's one row, counted once (warm-up is not)
