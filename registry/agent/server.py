@@ -41,7 +41,7 @@ class EmbeddedAgent:
 
     async def start(self) -> None:
         api = AgentAPI(self.state, "", self.settings.registry_min_check_interval_s)
-        self._web = web.AppRunner(build_app(api), access_log=None, handle_signals=False)
+        self._web = web.AppRunner(build_app(api), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._web.setup()
         site = web.TCPSite(self._web, self.settings.registry_host, self.settings.registry_port, reuse_address=True)
         await site.start()
@@ -76,6 +76,7 @@ class EmbeddedAgent:
             server.shutdown()
 
     async def stop(self) -> None:
+        self.state.release_waiters()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -147,6 +147,12 @@ class AgentState:
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Event()
+        self._closing = False
+
+    def release_waiters(self) -> None:
+        """Answers every held blocking query now (the agent is stopping) and holds no new ones."""
+        self._closing = True
+        self._notify()
 
     # -- change notification -------------------------------------------------------------------------------
 
@@ -166,7 +172,7 @@ class AgentState:
         """Returns once `view_index()` exceeds `min_index`, or went backwards below it, or `wait_s` passed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        while view_index() == min_index:
+        while view_index() == min_index and not self._closing:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

@@ -20,7 +20,10 @@ import pytest
 from registry.url import connect
 from tests.harness import ProcessGroup
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore:verify_ssl is deprecated:DeprecationWarning"),
+]
 
 
 @dataclass
