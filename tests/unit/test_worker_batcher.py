@@ -1,0 +1,173 @@
+"""The dynamic batcher with real ONNX Runtime sessions, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.worker_models import add_model, gather_model, static_model
+from worker.batcher import Batcher, Job
+from worker.config import ModelConfig
+from worker.errors import InferenceError
+from worker.metrics import WorkerMetrics
+from worker.runtime import OnnxModel
+
+CPU = ["CPUExecutionProvider"]
+
+
+def load(tmp_path: Path, model: onnx.ModelProto, **config: object) -> OnnxModel:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    onnx_model = OnnxModel("m", 1, path, ModelConfig(**config), CPU)
+    onnx_model.warm_up()
+    return onnx_model
+
+
+@pytest.fixture
+async def executor() -> AsyncIterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(max_workers=2)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+async def started(model: OnnxModel, executor: ThreadPoolExecutor) -> Batcher:
+    batcher = Batcher(model, executor, WorkerMetrics().for_model("m"))
+    batcher.start()
+    return batcher
+
+
+def job(*inputs: np.ndarray, deadline: float | None = None) -> Job:
+    return Job(list(inputs), inputs[0].shape[0], [0], asyncio.get_running_loop().create_future(), deadline)
+
+
+async def test_queued_requests_share_one_run_and_get_their_own_rows(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(1.0)), executor)
+    # Submitted in one go (no await in between): the first run takes them all.
+    jobs = [job(np.full((1 + i % 2, 4), i, np.float32)) for i in range(10)]
+    futures = [batcher.submit(j) for j in jobs]
+    results = await asyncio.gather(*futures)
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.outputs[0], np.full((1 + i % 2, 4), i + 1, np.float32))
+        assert result.raw[0] == result.outputs[0].tobytes()
+    assert {r.batch_size for r in results} == {sum(1 + i % 2 for i in range(10))}
+    await batcher.stop()
+
+
+async def test_batch_never_exceeds_max_rows(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(0.0), max_batch_size=4), executor)
+    futures = [batcher.submit(job(np.zeros((3, 4), np.float32))) for _ in range(5)]
+    results = await asyncio.gather(*futures)
+    assert all(r.batch_size == 3 for r in results)  # 3 + 3 > 4: never two together
+    await batcher.stop()
+
+
+async def test_preferred_sizes_trim_the_batch(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(0.0), max_batch_size=8, preferred_batch_sizes=[4]), executor)
+    futures = [batcher.submit(job(np.zeros((1, 4), np.float32))) for _ in range(6)]
+    results = await asyncio.gather(*futures)
+    assert [r.batch_size for r in results] == [4, 4, 4, 4, 2, 2]
+    await batcher.stop()
+
+
+async def test_queue_delay_waits_for_company(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(0.0), max_queue_delay_us=300_000), executor)
+    first = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    await asyncio.sleep(0.05)  # well inside the delay
+    second = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    assert [r.batch_size for r in await asyncio.gather(first, second)] == [2, 2]
+    await batcher.stop()
+
+
+async def test_requests_merge_only_when_trailing_dims_agree(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "ragged",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    batcher = await started(load(tmp_path, model), executor)
+    shapes = [(1, 3), (1, 5), (2, 3)]
+    futures = [batcher.submit(job(np.full(shape, i, np.float32))) for i, shape in enumerate(shapes)]
+    results = await asyncio.gather(*futures)
+    assert [r.batch_size for r in results] == [3, 1, 3]
+    for i, (shape, result) in enumerate(zip(shapes, results, strict=True)):
+        np.testing.assert_array_equal(result.outputs[0], np.full(shape, i, np.float32))
+    await batcher.stop()
+
+
+async def test_full_queue_refuses_at_once(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    model = load(tmp_path, add_model(0.0), max_queue_size=2)
+    batcher = Batcher(model, executor, WorkerMetrics().for_model("m"))  # not started: nothing drains the queue
+    batcher.submit(job(np.zeros((1, 4), np.float32)))
+    batcher.submit(job(np.zeros((1, 4), np.float32)))
+    with pytest.raises(InferenceError) as caught:
+        batcher.submit(job(np.zeros((1, 4), np.float32)))
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue is full" in caught.value.message
+    await batcher.stop()
+
+
+async def test_expired_deadline_is_dropped_not_run(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(0.0)), executor)
+    now = asyncio.get_running_loop().time()
+    late = batcher.submit(job(np.zeros((1, 4), np.float32), deadline=now - 1))
+    fine = batcher.submit(job(np.zeros((1, 4), np.float32), deadline=now + 60))
+    with pytest.raises(InferenceError) as caught:
+        await late
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await fine).batch_size == 1  # the dropped one did not take a row
+    await batcher.stop()
+
+
+async def test_cancelled_request_is_skipped(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(0.0)), executor)
+    gone = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    gone.cancel()
+    kept = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    assert (await kept).batch_size == 1
+    await batcher.stop()
+
+
+async def test_one_failing_request_does_not_fail_its_batch(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, gather_model()), executor)
+    indices = [1, 2, 50, 3]
+    futures = [batcher.submit(job(np.array([[i]], np.int64))) for i in indices]
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(outcomes[2], InferenceError)
+    assert outcomes[2].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model 'm' version 1 failed to run" in outcomes[2].message
+    for i in (0, 1, 3):
+        assert outcomes[i].outputs[0][0, 0] == indices[i] * 10  # type: ignore[union-attr]
+    await batcher.stop()
+
+
+async def test_unbatchable_model_runs_requests_alone(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    model = load(tmp_path, static_model())
+    assert not model.batchable and model.max_batch_size == 0
+    batcher = await started(model, executor)
+    x = np.ones((2, 3), np.float32)
+    futures = [batcher.submit(Job([x], 1, [0, 1], asyncio.get_running_loop().create_future())) for _ in range(3)]
+    for result in await asyncio.gather(*futures):
+        assert result.batch_size == 1
+        np.testing.assert_array_equal(result.outputs[0], 2 * x)
+        assert result.outputs[1] == 6
+    await batcher.stop()
+
+
+async def test_stop_fails_queued_requests_as_unavailable(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = Batcher(load(tmp_path, add_model(0.0)), executor, WorkerMetrics().for_model("m"))
+    queued = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    await batcher.stop()
+    with pytest.raises(InferenceError) as caught:
+        await queued
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
