@@ -201,6 +201,9 @@ class InferenceForwarder:
             version = self.routes.resolve(model, head.model_version)
         except RouteError as exc:
             raise RequestRefused(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        if not head.model_version:
+            # The worker must serve the version the route chose, not its own default.
+            request += wire.encode_model_version(version)
         route = self.routes.route(model)
         hash_key = metadata_value(metadata, route.hash_header) if route is not None and route.hash_header else None
         tracing = self._tracing
