@@ -50,8 +50,9 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/mes
     && mkdir -p /models \
     && chown meshserve:meshserve /models
 ENV PATH=/opt/meshserve/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    MESHSERVE_IMAGE_DEVICE=${DEVICE}
+    PYTHONUNBUFFERED=1
+LABEL org.opencontainers.image.title="meshserve" \
+      org.opencontainers.image.description="gRPC serving mesh for ONNX models (${DEVICE} build)"
 USER meshserve
 WORKDIR /home/meshserve
 VOLUME ["/models"]
