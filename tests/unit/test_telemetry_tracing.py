@@ -64,7 +64,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 def test_spans_reach_the_collector_under_the_component_service_name(receiver: OtlpReceiver) -> None:
-    state, trace_id = run_script(_clean_env(**otel_env(receiver)), "worker")
+    # A batch delay far beyond the child's life: only shutdown()'s flush can deliver the spans.
+    state, trace_id = run_script(_clean_env(**otel_env(receiver, OTEL_BSP_SCHEDULE_DELAY="600000")), "worker")
 
     assert state == "on"
     spans = receiver.wait_for(lambda s: len([x for x in s if x.trace_id == trace_id]) == 2, what="two spans")
