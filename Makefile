@@ -35,9 +35,20 @@ format: install
 protos: install
 	$(PY) -m protos.generate
 
-bench: install
+# Triton (nvidia-pytriton) needs numpy<2 and protobuf<7, which meshserve's
+# environment cannot hold: the benchmark runs it from a venv of its own.
+TRITON_VENV ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+
+$(TRITON_STAMP): bench/requirements-triton.txt
+	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install --quiet -r bench/requirements-triton.txt
+	@touch $(TRITON_STAMP)
+
+bench: install $(TRITON_STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) bench/run_all.py
+	$(PY) -m bench.run_all --triton-python $(TRITON_VENV)/bin/python $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .ruff_cache build *.egg-info

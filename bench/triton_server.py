@@ -7,8 +7,11 @@ starts it as a child process):
 
     python bench/triton_server.py --model-repository REPO --model mlp784 --model cnn --grpc-port 8101
 
-Triton's Python backend stub links the system libpython, so the parent must
-set LD_LIBRARY_PATH to the interpreter's LIBDIR (see `triton_environment`).
+Triton's Python backend stub links the system libpython, so this script puts
+its own interpreter's LIBDIR first on LD_LIBRARY_PATH before Triton starts
+(Triton and its stubs are children of this process and inherit it); without
+it model loading fails with an RLock attribute error. nvidia-pytriton needs
+numpy<2, so this runs from its own venv (bench/requirements-triton.txt).
 """
 
 from __future__ import annotations
@@ -44,12 +47,11 @@ _ONNX_TO_NUMPY = {
 }
 
 
-def triton_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a Triton child needs: this interpreter's LIBDIR first on LD_LIBRARY_PATH."""
-    env = dict(os.environ if base is None else base)
+def libpython_first(environ: dict[str, str] | os._Environ[str]) -> None:
+    """Puts this interpreter's LIBDIR (where libpython3.X.so lives) first on LD_LIBRARY_PATH."""
     libdir = sysconfig.get_config_var("LIBDIR") or ""
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
-    return env
+    rest = [p for p in environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p and p != libdir]
+    environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *rest] if libdir else rest)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s triton-bench %(message)s")
 
+    libpython_first(os.environ)
     from pytriton.triton import Triton, TritonConfig
 
     # pytriton stops cleanly on KeyboardInterrupt; make SIGTERM mean the same.

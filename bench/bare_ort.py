@@ -1,0 +1,88 @@
+"""Bare ONNX Runtime in-process: the compute limit a server on the same model can approach.
+
+Runs the model's newest version at several batch sizes, with the worker's
+thread budget, and reports samples per second at each; the best batched
+figure is what the worker's dynamic batcher is compared against.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class BatchThroughput:
+    batch_size: int
+    runs: int
+    samples_per_s: float
+    ms_per_run: float
+
+
+def model_path(model_dir: Path) -> Path:
+    """`<model>/<newest version>/model.onnx`."""
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file())
+    if not versions:
+        raise FileNotFoundError(f"{model_dir}: no <version>/model.onnx")
+    return model_dir / str(versions[-1]) / "model.onnx"
+
+
+def session(path: Path, threads: int) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def random_inputs(sess: object, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every model input; the first (batch) dim is `batch_size`, other dynamic dims 1."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in sess.get_inputs():  # type: ignore[attr-defined]
+        dims = [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape]
+        if dims:
+            dims[0] = batch_size
+        dtype = _ORT_TO_NUMPY[arg.type]
+        feeds[arg.name] = (
+            rng.random(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype=dtype)
+        )
+    return feeds
+
+
+def measure(
+    model_dir: Path, batch_sizes: Sequence[int], seconds_each: float, threads: int | None = None
+) -> list[BatchThroughput]:
+    sess = session(model_path(model_dir), threads or os.cpu_count() or 1)
+    results = []
+    for batch_size in batch_sizes:
+        feeds = random_inputs(sess, batch_size)
+        sess.run(None, feeds)  # type: ignore[attr-defined]  # warm-up: first run allocates
+        runs = 0
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds_each or runs < 3:
+            sess.run(None, feeds)  # type: ignore[attr-defined]
+            runs += 1
+        results.append(BatchThroughput(batch_size, runs, runs * batch_size / elapsed, elapsed / runs * 1000.0))
+    return results
+
+
+def best(results: Sequence[BatchThroughput]) -> BatchThroughput:
+    return max(results, key=lambda r: r.samples_per_s)

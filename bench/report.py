@@ -1,0 +1,216 @@
+"""Turns one benchmark run (the JSON `run_all` writes) into the markdown pasted into bench/RESULTS.md.
+
+Every figure is the median over the run's rounds; ratios compare peers
+measured in the same run, and each target is marked met or MISSED.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+TRANSPORT_MODEL = "mlp784"
+COMPUTE_MODEL = "cnn"
+WORKER, MESH, TRITON, MESH_TRACED = "worker", "mesh", "triton", "mesh+tracing"
+PEER_ORDER = (WORKER, MESH, MESH_TRACED, TRITON)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (model, peer, concurrency) over all rounds."""
+
+    throughput: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: dict[str, int]
+    cpu_ms: dict[str, float]
+    rounds: int
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: str
+    what: str
+    measured: float | None
+    goal: str
+    met: bool | None
+    unit: str = "x"
+
+    def row(self) -> str:
+        if self.measured is None:
+            value, verdict = "n/a", "not measured"
+        else:
+            value = f"{self.measured:.2f}{self.unit}" if self.unit != "%" else f"{self.measured:.1f}%"
+            verdict = "met" if self.met else "**MISSED**"
+        return f"| {self.issue} | {self.what} | {value} | {self.goal} | {verdict} |"
+
+
+def cells(points: list[dict[str, Any]]) -> dict[tuple[str, str, int], Cell]:
+    grouped: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for point in points:
+        grouped[(point["model"], point["peer"], point["concurrency"])].append(point)
+    table = {}
+    for key, group in grouped.items():
+        results = [p["result"] for p in group]
+
+        def med(field: str, results: list[dict[str, Any]] = results) -> float:
+            values = [r[field] for r in results if r[field] is not None]
+            return statistics.median(values) if values else float("nan")
+
+        errors: dict[str, int] = defaultdict(int)
+        for r in results:
+            for code, n in r["errors"].items():
+                errors[code] += n
+        components = sorted({name for p in group for name in p["cpu_ms_per_request"]})
+        cpu = {c: statistics.median(p["cpu_ms_per_request"].get(c, 0.0) for p in group) for c in components}
+        table[key] = Cell(
+            throughput=med("throughput"),
+            p50_ms=med("p50_ms"),
+            p90_ms=med("p90_ms"),
+            p99_ms=med("p99_ms"),
+            max_ms=max((r["max_ms"] for r in results if r["max_ms"] is not None), default=float("nan")),
+            errors=dict(errors),
+            cpu_ms=cpu,
+            rounds=len(group),
+        )
+    return table
+
+
+def paired_p50_overhead(points: list[dict[str, Any]], model: str, concurrency: int = 1) -> float | None:
+    """Median over rounds of (mesh p50 - worker p50), each pair measured in the same round."""
+    by_round: dict[int, dict[str, float]] = defaultdict(dict)
+    for p in points:
+        same_point = p["model"] == model and p["concurrency"] == concurrency and p["peer"] in (WORKER, MESH)
+        if same_point and p["result"]["p50_ms"] is not None:
+            by_round[p["round"]][p["peer"]] = p["result"]["p50_ms"]
+    diffs = [r[MESH] - r[WORKER] for r in by_round.values() if MESH in r and WORKER in r]
+    return statistics.median(diffs) if diffs else None
+
+
+def _ratio(table: dict[tuple[str, str, int], Cell], model: str, a: str, b: str, c: int) -> float | None:
+    if (model, a, c) not in table or (model, b, c) not in table:
+        return None
+    denominator = table[(model, b, c)].throughput
+    return table[(model, a, c)].throughput / denominator if denominator else None
+
+
+def targets(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> list[Target]:
+    points = run["points"]
+    top = max(run["settings"]["concurrency"])
+    best_ort = max((r["samples_per_s"] for r in run["bare_ort"].get(COMPUTE_MODEL, [])), default=None)
+    worker_compute = table.get((COMPUTE_MODEL, WORKER, top))
+    vs_ort = worker_compute.throughput / best_ort if worker_compute and best_ort else None
+
+    def at_least(value: float | None, goal: float) -> bool | None:
+        return None if value is None else value >= goal
+
+    def at_most(value: float | None, goal: float) -> bool | None:
+        return None if value is None else value <= goal
+
+    r1 = _ratio(table, TRANSPORT_MODEL, WORKER, TRITON, top)
+    r3 = _ratio(table, COMPUTE_MODEL, WORKER, TRITON, top)
+    hop = paired_p50_overhead(points, TRANSPORT_MODEL)
+    hop_compute = paired_p50_overhead(points, COMPUTE_MODEL)
+    r5 = _ratio(table, TRANSPORT_MODEL, MESH, TRITON, top)
+    traced = _ratio(table, TRANSPORT_MODEL, MESH_TRACED, MESH, top)
+    cost = None if traced is None else (1.0 - traced) * 100.0
+    return [
+        Target("2", f"worker / Triton, {TRANSPORT_MODEL}, c={top}", r1, ">= 1.5x", at_least(r1, 1.5)),
+        Target(
+            "2", f"worker c={top} / best batched bare ORT, {COMPUTE_MODEL}", vs_ort, ">= 0.85x", at_least(vs_ort, 0.85)
+        ),
+        Target("2", f"worker / Triton (dynamic batcher), {COMPUTE_MODEL}, c={top}", r3, ">= 1.0x", at_least(r3, 1.0)),
+        Target(
+            "5", f"gateway hop p50 (mesh - worker), {TRANSPORT_MODEL}, c=1", hop, "<= 0.4 ms", at_most(hop, 0.4), " ms"
+        ),
+        Target(
+            "5",
+            f"gateway hop p50 (mesh - worker), {COMPUTE_MODEL}, c=1",
+            hop_compute,
+            "<= 0.4 ms",
+            at_most(hop_compute, 0.4),
+            " ms",
+        ),
+        Target("5", f"mesh / Triton, {TRANSPORT_MODEL}, c={top}", r5, ">= 1.2x", at_least(r5, 1.2)),
+        Target(
+            "6",
+            f"tracing throughput cost (100% sampled, OTLP), {TRANSPORT_MODEL}, c={top}",
+            cost,
+            "<= 10%",
+            at_most(cost, 10.0),
+            "%",
+        ),
+    ]
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"
+
+
+def model_table(model: str, run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> list[str]:
+    lines = [
+        f"### {model}",
+        "",
+        "| c | peer | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | CPU ms per request (by process) |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for c in run["settings"]["concurrency"]:
+        for peer in PEER_ORDER:
+            cell = table.get((model, peer, c))
+            if cell is None:
+                continue
+            errors = ", ".join(f"{k} {v}" for k, v in sorted(cell.errors.items())) or "0"
+            cpu = ", ".join(f"{k} {v:.3f}" for k, v in cell.cpu_ms.items())
+            lines.append(
+                f"| {c} | {peer} | {cell.throughput:.0f} | {_fmt(cell.p50_ms)} | {_fmt(cell.p90_ms)} | "
+                f"{_fmt(cell.p99_ms)} | {_fmt(cell.max_ms)} | {errors} | {cpu} |"
+            )
+    return [*lines, ""]
+
+
+def ort_table(run: dict[str, Any]) -> list[str]:
+    lines = ["### bare ONNX Runtime in-process (same thread budget as the worker)", ""]
+    for model, results in run["bare_ort"].items():
+        best = max(results, key=lambda r: r["samples_per_s"])
+        cells_ = ", ".join(f"b{r['batch_size']}: {r['samples_per_s']:.0f}" for r in results)
+        lines.append(f"- **{model}** samples/s by batch size: {cells_}; best b{best['batch_size']}")
+    return [*lines, ""]
+
+
+def render_markdown(run: dict[str, Any]) -> str:
+    table = cells(run["points"])
+    settings = run["settings"]
+    machine = run["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items() if v)
+    lines = [
+        f"## Run of {run['started']}",
+        "",
+        f"- command: `{run['command']}`",
+        f"- machine: `nproc` = {machine['nproc']} ({machine['cpu']}, Linux {machine['kernel']}); the load generator "
+        "and every server share these cores, nothing pinned",
+        f"- versions: {versions}",
+        f"- {settings['rounds']} rounds x {settings['duration_s']:g} s measured (+{settings['warmup_s']:g} s warm-up) "
+        f"per point, peers interleaved per level with rotating order; figures are medians over rounds; "
+        f"load: one `tritonclient.grpc.aio` client per peer, closed loop",
+        f"- mesh: embedded registry + {settings['mesh_workers']} worker(s) + gateway "
+        f"({settings['gateway_processes']} process(es), API-key auth); 'worker' is that mesh's worker called directly; "
+        f"Triton: nvidia-pytriton, ONNX Runtime in the bound callable, dynamic batcher (config.yaml's batching, "
+        f"else max queue delay {settings['triton_default_delay_us']} us)",
+        f"- tracing: 100% sampled, OTLP/gRPC to a local receiver process ({run.get('otlp_receiver', '')})",
+        "",
+        "### Targets",
+        "",
+        "| issue | ratio | measured | goal | verdict |",
+        "|---|---|---:|---|---|",
+        *(t.row() for t in targets(run, table)),
+        "",
+    ]
+    models = sorted({key[0] for key in table}, key=lambda m: (m != TRANSPORT_MODEL, m))
+    for model in models:
+        lines += model_table(model, run, table)
+    lines += ort_table(run)
+    return "\n".join(lines)

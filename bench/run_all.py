@@ -1,0 +1,413 @@
+"""The side-by-side benchmark of issues 2, 5 and 6: one run, one machine, every peer.
+
+    python -m bench.run_all [--duration 4] [--rounds 3] [--markdown bench/last-run.md]
+
+Starts, with the real CLI, an embedded registry + worker + gateway (the mesh;
+its worker is also called directly), the same again with tracing on (100%
+sampling, OTLP to a local receiver process), and Triton Inference Server
+(nvidia-pytriton) on the same ONNX models; loads each from `tritonclient.grpc.aio`
+at concurrency 1, 8 and 32, interleaved (every peer at one level before the
+next level, the peer order rotating per round) so drift hits all peers alike;
+stops everything (always, also on failure); then measures bare ONNX Runtime
+in-process on the quiet machine. Prints a markdown report (and writes it and
+a JSON file) with the targets' ratios marked met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import secrets
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import bare_ort
+from bench.otlp_receiver import READY_LINE as OTLP_READY
+from bench.processes import Child, Children, free_port, wait_until
+from bench.report import COMPUTE_MODEL, MESH, MESH_TRACED, TRANSPORT_MODEL, TRITON, WORKER, render_markdown
+from bench.triton_server import READY_LINE as TRITON_READY
+from bench.tritonclient_load import TritonClientLoad, check_outputs_agree
+from meshserve.loadgen import LevelResult
+
+DEFAULT_TRITON_PYTHON = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "python"
+
+
+@dataclass
+class Peer:
+    """One server the load is pointed at, and the child processes whose CPU it spends."""
+
+    name: str
+    url: str
+    models: tuple[str, ...]
+    processes: dict[str, Child]
+    api_key: str | None = None
+    client: TritonClientLoad | None = None
+
+
+@dataclass
+class Point:
+    """One peer at one concurrency on one model in one round."""
+
+    peer: str
+    model: str
+    concurrency: int
+    round: int
+    result: LevelResult
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats of the whole matrix; medians are reported")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--models", default=f"{TRANSPORT_MODEL},{COMPUTE_MODEL}")
+    parser.add_argument("--mesh-workers", type=int, default=1, help="workers behind each gateway")
+    parser.add_argument("--gateway-processes", type=int, default=1)
+    parser.add_argument("--no-tracing", action="store_true", help="skip the traced mesh (issue 6)")
+    parser.add_argument("--no-triton", action="store_true", help="skip Triton (when nvidia-pytriton is missing)")
+    parser.add_argument(
+        "--triton-default-delay-us",
+        type=int,
+        default=100,
+        help="Triton's max queue delay for models whose config.yaml sets none",
+    )
+    parser.add_argument(
+        "--triton-python",
+        type=Path,
+        default=DEFAULT_TRITON_PYTHON if DEFAULT_TRITON_PYTHON.exists() else Path(sys.executable),
+        help="interpreter with nvidia-pytriton (numpy<2): `make bench` builds .venv-triton",
+    )
+    parser.add_argument("--ort-seconds", type=float, default=1.5, help="seconds per batch size for bare ORT")
+    parser.add_argument("--ort-batches", default="1,2,4,8,16,32,64")
+    parser.add_argument("--model-repository", type=Path, help="default: the demo models, written fresh")
+    parser.add_argument("--markdown", type=Path, default=Path("bench/last-run.md"))
+    parser.add_argument("--json", type=Path, default=Path("bench/last-run.json"))
+    parser.add_argument("--log-dir", type=Path, help="children's logs [default: a temp dir]")
+    return parser.parse_args(argv)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("onnxruntime-gpu", "onnxruntime", "grpcio", "protobuf", "tritonclient", "nvidia-pytriton", "numpy"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        found["meshserve commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    return found
+
+
+def machine() -> dict[str, Any]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu_model, "kernel": platform.release()}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, repository: Path, children: Children) -> None:
+        self.args = args
+        self.repository = repository
+        self.children = children
+        self.models = tuple(m for m in args.models.split(",") if m)
+        self.levels = [int(c) for c in args.concurrency.split(",") if c]
+        self.api_key = "bench-" + secrets.token_hex(8)
+        self.peers: list[Peer] = []
+        self.notes: list[str] = []
+        self.spans_exported: int | None = None
+        self.triton_version = ""
+
+    # ----- start-up -----
+
+    def start_mesh(self, name: str, env: dict[str, str] | None) -> tuple[Peer, Peer]:
+        """Registry + workers + gateway with the real CLI; returns (first worker direct, gateway) peers."""
+        registry_port = free_port()
+        registry = self.children.meshserve(f"{name}-registry", "registry", "--port", str(registry_port), env=env)
+        registry_url = f"consul://127.0.0.1:{registry_port}"
+
+        def registry_up() -> bool:
+            registry.check_alive()
+            return _port_open(registry_port)
+
+        wait_until(registry_up, 30, f"{name} registry on port {registry_port}")
+        workers = []
+        for index in range(self.args.mesh_workers):
+            port = free_port()
+            workers.append(
+                (
+                    port,
+                    self.children.meshserve(
+                        f"{name}-worker{index}",
+                        "worker",
+                        "--model-repository",
+                        str(self.repository),
+                        "--registry",
+                        registry_url,
+                        "--port",
+                        str(port),
+                        "--host",
+                        "127.0.0.1",
+                        "--advertise-address",
+                        "127.0.0.1",
+                        "--metrics-port",
+                        "0",
+                        "--log-level",
+                        "warning",
+                        env=env,
+                    ),
+                )
+            )
+        gateway_port = free_port()
+        gateway = self.children.meshserve(
+            f"{name}-gateway",
+            "gateway",
+            "--registry",
+            registry_url,
+            "--port",
+            str(gateway_port),
+            "--host",
+            "127.0.0.1",
+            "--api-key",
+            self.api_key,
+            "--metrics-port",
+            str(free_port()),
+            "--processes",
+            str(self.args.gateway_processes),
+            "--log-level",
+            "warning",
+            env=env,
+        )
+        first_port, first_worker = workers[0]
+        direct = Peer(WORKER, f"127.0.0.1:{first_port}", self.models, {"worker": first_worker})
+        processes = {"gateway": gateway, "registry": registry}
+        processes.update({f"worker{i}": child for i, (_, child) in enumerate(workers)})
+        mesh = Peer(name, f"127.0.0.1:{gateway_port}", self.models, processes, api_key=self.api_key)
+        return direct, mesh
+
+    def start_triton(self) -> Peer:
+        grpc_port = free_port()
+        argv = [str(self.args.triton_python), "-m", "bench.triton_server", "--model-repository", str(self.repository)]
+        for model in self.models:
+            argv += ["--model", model]
+        argv += [
+            "--grpc-port",
+            str(grpc_port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--max-queue-delay-us",
+            str(self.args.triton_default_delay_us),
+        ]
+        child = self.children.start("triton", argv)
+        return Peer(TRITON, f"127.0.0.1:{grpc_port}", self.models, {"triton": child})
+
+    async def connect(self, peer: Peer, timeout_s: float = 180.0) -> None:
+        """A client per peer, once every model answers ready through it."""
+        peer.client = TritonClientLoad(peer.url, peer.api_key)
+        deadline = time.monotonic() + timeout_s
+        for model in peer.models:
+            while not await peer.client.ready(model):
+                for child in peer.processes.values():
+                    child.check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{peer.name}: {model} not ready at {peer.url} after {timeout_s:g}s")
+                await asyncio.sleep(0.2)
+
+    async def verify_outputs(self, peer: Peer, model: str, feeds: dict[str, np.ndarray], expected: list) -> None:
+        assert peer.client is not None
+        names = [o.name for o in expected[1]]
+        try:
+            got = await peer.client.infer(model, feeds, names)
+        except Exception as exc:
+            raise RuntimeError(f"{peer.name} at {peer.url}: {model} did not answer correctly: {exc!r}") from exc
+        check_outputs_agree(expected[0], got, f"{peer.name} {model} output differs from in-process ONNX Runtime")
+
+    # ----- measurement -----
+
+    async def measure(self) -> list[Point]:
+        feeds, expected = {}, {}
+        for model in self.models:
+            session = bare_ort.session(bare_ort.model_path(self.repository / model), os.cpu_count() or 1)
+            feeds[model] = bare_ort.random_inputs(session, 1)
+            expected[model] = (session.run(None, feeds[model]), session.get_outputs())  # type: ignore[attr-defined]
+        for peer in self.peers:
+            for model in peer.models:
+                await self.verify_outputs(peer, model, feeds[model], expected[model])
+        points = []
+        total = self.args.rounds * sum(len(self._peers_for(m)) for m in self.models) * len(self.levels)
+        done = 0
+        for round_index in range(self.args.rounds):
+            for model in self.models:
+                for concurrency in self.levels:
+                    peers = self._peers_for(model)
+                    shift = round_index % len(peers)
+                    for peer in peers[shift:] + peers[:shift]:
+                        points.append(await self._point(peer, model, feeds[model], concurrency, round_index))
+                        done += 1
+                        r = points[-1].result
+                        print(
+                            f"[{done}/{total}] round {round_index + 1} {model:7} c={concurrency:<3} {peer.name:13} "
+                            f"{r.throughput:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms"
+                            + (f"  errors {r.errors}" if r.errors else ""),
+                            flush=True,
+                        )
+        return points
+
+    def _peers_for(self, model: str) -> list[Peer]:
+        # Tracing cost (issue 6) is measured on the transport-bound model only.
+        return [p for p in self.peers if model in p.models and (p.name != MESH_TRACED or model == TRANSPORT_MODEL)]
+
+    async def _point(
+        self, peer: Peer, model: str, feeds: dict[str, np.ndarray], concurrency: int, round_index: int
+    ) -> Point:
+        assert peer.client is not None
+        cpu_before = {name: child.cpu_seconds() for name, child in peer.processes.items()}
+        client_before = time.process_time()
+        result = await peer.client.run(model, feeds, concurrency, self.args.duration, self.args.warmup)
+        client_cpu = time.process_time() - client_before
+        cpu_after = {name: child.cpu_seconds() for name, child in peer.processes.items()}
+        # CPU spent over warm-up + measured window, per request measured: a per-request cost estimate.
+        per_request = {}
+        completed = max(result.requests, 1) * (self.args.warmup + self.args.duration) / self.args.duration
+        per_request["client"] = client_cpu / completed * 1000.0
+        for name in peer.processes:
+            per_request[name] = (cpu_after[name] - cpu_before[name]) / completed * 1000.0
+        return Point(peer.name, model, concurrency, round_index, result, per_request)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+async def run_peers(bench: Bench) -> list[Point]:
+    for peer in bench.peers:
+        await bench.connect(peer)
+    triton = next((p for p in bench.peers if p.name == TRITON), None)
+    if triton is not None and triton.client is not None:
+        meta = await triton.client.client.get_server_metadata()
+        bench.triton_version = meta.version
+    try:
+        return await bench.measure()
+    finally:
+        for peer in bench.peers:
+            if peer.client is not None:
+                await peer.client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    work = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
+    log_dir = args.log_dir or work / "logs"
+    repository = args.model_repository
+    if repository is None:
+        from meshserve.demo_models import write_demo_repository
+
+        repository = work / "models"
+        write_demo_repository(repository)
+    print(f"bench: models in {repository}, logs in {log_dir}", flush=True)
+
+    receiver_totals = ""
+    with Children(log_dir) as children:
+        bench = Bench(args, repository, children)
+        receiver: Child | None = None
+        try:
+            triton = None if args.no_triton else bench.start_triton()
+            direct, mesh = bench.start_mesh(MESH, env=None)
+            bench.peers += [direct, mesh]
+            if not args.no_tracing:
+                receiver_port = free_port()
+                receiver = children.start(
+                    "otlp-receiver", [sys.executable, "-m", "bench.otlp_receiver", "--port", str(receiver_port)]
+                )
+                receiver.wait_for_output(OTLP_READY, 30)
+                tracing_env = {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+                    "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                    "OTEL_TRACES_SAMPLER": "always_on",
+                }
+                _, traced = bench.start_mesh(MESH_TRACED, env=tracing_env)
+                traced.processes["otlp-receiver"] = receiver
+                bench.peers.append(traced)
+            if triton is not None:
+                triton.processes["triton"].wait_for_output(TRITON_READY, 240)
+                bench.peers.append(triton)
+            points = asyncio.run(run_peers(bench))
+        except BaseException:
+            print(f"bench failed; children's logs in {log_dir}", file=sys.stderr, flush=True)
+            raise
+        if receiver is not None:
+            receiver.stop()
+            receiver_totals = next(
+                (line for line in receiver.output().splitlines() if line.startswith("SPANS ")), "no totals"
+            )
+    # Bare ONNX Runtime on the quiet machine, after every server has stopped.
+    batch_sizes = [int(b) for b in args.ort_batches.split(",") if b]
+    ort_results = {}
+    for model in bench.models:
+        ort_results[model] = bare_ort.measure(repository / model, batch_sizes, args.ort_seconds)
+        best = bare_ort.best(ort_results[model])
+        print(f"bare ORT {model}: best batch {best.batch_size}: {best.samples_per_s:.1f} samples/s", flush=True)
+
+    command = "python -m bench.run_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    run = {
+        "command": command.strip(),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": machine(),
+        "versions": {**versions(), "Triton server": bench.triton_version},
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "concurrency": bench.levels,
+            "mesh_workers": args.mesh_workers,
+            "gateway_processes": args.gateway_processes,
+            "triton_default_delay_us": args.triton_default_delay_us,
+        },
+        "otlp_receiver": receiver_totals,
+        "points": [{**dataclasses.asdict(p), "result": p.result.to_dict()} for p in points],
+        "bare_ort": {m: [dataclasses.asdict(r) for r in rs] for m, rs in ort_results.items()},
+    }
+    markdown = render_markdown(run)
+    args.json.write_text(json.dumps(run, indent=1))
+    args.markdown.write_text(markdown)
+    print(markdown)
+    print(f"wrote {args.markdown} and {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

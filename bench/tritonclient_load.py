@@ -1,0 +1,89 @@
+"""Closed-loop load from the stock `tritonclient.grpc.aio` client: the same client for every peer.
+
+Triton, a worker and the gateway are all called through it, so the client's
+own per-request cost is the same in every column of the results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from meshserve.loadgen import LevelResult, closed_loop
+
+_NUMPY_TO_TRITON = {
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.float64): "FP64",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int8): "INT8",
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.bool_): "BOOL",
+}
+
+
+def triton_error_code(exc: BaseException) -> str | None:
+    """`StatusCode.UNAVAILABLE` -> `UNAVAILABLE` for tritonclient's exception, None for anything else."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, InferenceServerException):
+        status = exc.status() or "UNKNOWN"
+        return str(status).removeprefix("StatusCode.")
+    return None
+
+
+def infer_inputs(feeds: dict[str, np.ndarray]) -> list[object]:
+    from tritonclient.grpc import InferInput
+
+    inputs = []
+    for name, array in feeds.items():
+        tensor = InferInput(name, list(array.shape), _NUMPY_TO_TRITON[array.dtype])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class TritonClientLoad:
+    """One `tritonclient.grpc.aio` client (one channel) for one server; `run` measures one model at one level."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 10.0) -> None:
+        from tritonclient.grpc.aio import InferenceServerClient
+
+        self.client = InferenceServerClient(url=url)
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self.timeout_s = timeout_s
+
+    async def ready(self, model: str) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(model, headers=self.headers))
+        except Exception:
+            return False
+
+    async def infer(self, model: str, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        """One request; the named outputs as arrays."""
+        result = await self.client.infer(
+            model, infer_inputs(feeds), headers=self.headers, client_timeout=self.timeout_s
+        )
+        return [result.as_numpy(name) for name in output_names]
+
+    async def run(
+        self, model: str, feeds: dict[str, np.ndarray], concurrency: int, duration_s: float, warmup_s: float
+    ) -> LevelResult:
+        # Inputs are built once: the load generator should spend its CPU on calls, not on numpy.
+        inputs = infer_inputs(feeds)
+
+        async def send() -> None:
+            await self.client.infer(model, inputs, headers=self.headers, client_timeout=self.timeout_s)
+
+        return await closed_loop(send, concurrency, duration_s, warmup_s, classify=triton_error_code)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def check_outputs_agree(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], what: str) -> None:
+    """Raises when a peer's answer differs from in-process ONNX Runtime (a fast wrong answer is no result)."""
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-5, err_msg=what)
