@@ -35,7 +35,8 @@ class Mesh:
     gateway: ManagedProcess
     gateway_address: str
     gateway_metrics_port: int
-    workers: list[tuple[ManagedProcess, int]]  # (process, metrics port)
+    workers: list[ManagedProcess]
+    registry_http: str
     channel: grpc.Channel
 
     def stub(self) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
@@ -64,8 +65,9 @@ def call(mesh: Mesh, model: str, traceparent: str | None = None) -> tuple[grpc_s
     return response, dict(rpc.trailing_metadata() or ())
 
 
-def scrape(port: int) -> dict[str, list]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+def scrape(target: str) -> dict[str, list]:
+    """The parsed /metrics of `host:port`, by family name."""
+    with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as reply:
         text = reply.read().decode()
     return {family.name: family.samples for family in text_string_to_metric_families(text)}
 
@@ -85,8 +87,9 @@ def mesh(demo_repository: Path) -> Iterator[Mesh]:
         env = otel_env(receiver)
         _, registry_url = group.registry()
         workers = []
-        for index in range(2):
-            port, metrics_port = free_port(), free_port()
+        # One worker with a chosen metrics port, one with the default (0: a free port, advertised in Consul Meta).
+        for index, metrics_flag in enumerate([["--metrics-port", str(free_port())], []]):
+            port = free_port()
             worker = group.start(
                 f"worker-{index}",
                 "worker",
@@ -98,12 +101,11 @@ def mesh(demo_repository: Path) -> Iterator[Mesh]:
                 "127.0.0.1",
                 "--port",
                 str(port),
-                "--metrics-port",
-                str(metrics_port),
+                *metrics_flag,
                 env={**env, "CUDA_VISIBLE_DEVICES": ""},
             )
             worker.wait_serving(f"127.0.0.1:{port}")
-            workers.append((worker, metrics_port))
+            workers.append(worker)
         port, metrics_port = free_port(), free_port()
         gateway = group.start(
             "gateway",
@@ -123,14 +125,15 @@ def mesh(demo_repository: Path) -> Iterator[Mesh]:
         address = f"127.0.0.1:{port}"
         gateway.wait_serving(address)
         with grpc.insecure_channel(address) as channel:
-            built = Mesh(group, receiver, gateway, address, metrics_port, workers, channel)
+            registry_http = registry_url.replace("consul://", "http://")
+            built = Mesh(group, receiver, gateway, address, metrics_port, workers, registry_http, channel)
             # Both workers known to the gateway before the tests start.
             wait_until(lambda: _endpoints_known(built) >= 2, 30, interval=0.2, what="the gateway to see both workers")
             yield built
 
 
 def _endpoints_known(mesh: Mesh) -> float:
-    families = scrape(mesh.gateway_metrics_port)
+    families = scrape(f"127.0.0.1:{mesh.gateway_metrics_port}")
     return max(
         (s.value for s in families.get("meshserve_endpoints", []) if s.labels.get("model") == "mlp784"),
         default=0,
@@ -218,20 +221,32 @@ def test_a_batch_span_links_the_requests_it_merged(mesh: Mesh) -> None:
     assert sum(len(set(batch.links) & worker_spans.keys()) for batch in batches) == len(worker_spans)
 
 
+def prometheus_worker_targets(mesh: Mesh) -> list[str]:
+    """What deploy/prometheus/prometheus.yml's consul_sd relabelling makes of the catalog:
+    `<service address>:<Meta.metrics_port>` for each passing meshserve-worker."""
+    url = f"{mesh.registry_http}/v1/health/service/meshserve-worker?passing"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        entries = json.load(reply)
+    return [f"{entry['Service']['Address']}:{entry['Service']['Meta']['metrics_port']}" for entry in entries]
+
+
 def test_metrics_of_gateway_and_workers_parse_and_count_traffic(mesh: Mesh) -> None:
+    targets = prometheus_worker_targets(mesh)
+    assert len(targets) == 2 and all(int(target.rsplit(":", 1)[1]) > 0 for target in targets), targets
+
     def worker_requests() -> float:
         return sum(
-            counter(scrape(port), "meshserve_requests", "meshserve_requests_total", model="mlp784", code="OK")
-            for _, port in mesh.workers
+            counter(scrape(target), "meshserve_requests", "meshserve_requests_total", model="mlp784", code="OK")
+            for target in targets
         )
 
-    gateway_before = scrape(mesh.gateway_metrics_port)
+    gateway_before = scrape(f"127.0.0.1:{mesh.gateway_metrics_port}")
     workers_before = worker_requests()
 
     for _ in range(5):
         call(mesh, "mlp784")
 
-    gateway_after = scrape(mesh.gateway_metrics_port)
+    gateway_after = scrape(f"127.0.0.1:{mesh.gateway_metrics_port}")
     ok = {"component": "gateway", "model": "mlp784", "code": "OK"}
     assert counter(gateway_after, "meshserve_requests", "meshserve_requests_total", **ok) - counter(
         gateway_before, "meshserve_requests", "meshserve_requests_total", **ok
@@ -242,10 +257,11 @@ def test_metrics_of_gateway_and_workers_parse_and_count_traffic(mesh: Mesh) -> N
     ) == pytest.approx(5)
     assert worker_requests() - workers_before == pytest.approx(5)
     assert counter(gateway_after, "meshserve_endpoints", "meshserve_endpoints", model="mlp784") >= 2
-    for families in (gateway_after, scrape(mesh.workers[0][1])):
+    for target in targets:
+        families = scrape(target)
         assert counter(families, "process_cpu_seconds", "process_cpu_seconds_total") > 0
-    worker_families = scrape(mesh.workers[0][1])
-    assert "meshserve_batch_size" in worker_families and "meshserve_queue_depth" in worker_families
+        assert "meshserve_batch_size" in families and "meshserve_queue_depth" in families
+    assert counter(gateway_after, "process_cpu_seconds", "process_cpu_seconds_total") > 0
 
 
 def native_onnxruntime_line(line: str) -> bool:
@@ -254,7 +270,7 @@ def native_onnxruntime_line(line: str) -> bool:
 
 
 def test_logs_are_json_lines_with_the_component(mesh: Mesh) -> None:
-    for process, component in [(mesh.gateway, "gateway"), (mesh.workers[0][0], "worker")]:
+    for process, component in [(mesh.gateway, "gateway"), (mesh.workers[0], "worker")]:
         lines = [line for line in process.output().splitlines() if line.strip()]
         python_lines = [line for line in lines if not native_onnxruntime_line(line)]
         assert python_lines, f"{component} logged nothing"
@@ -265,7 +281,7 @@ def test_logs_are_json_lines_with_the_component(mesh: Mesh) -> None:
 
 def test_a_retried_request_shows_two_sibling_attempt_spans(mesh: Mesh) -> None:
     """Kills a worker under load: requests in flight to it fail over, none is lost."""
-    victim, _ = mesh.workers[1]
+    victim = mesh.workers[1]
     traces: list[str] = []
     failures: list[grpc.RpcError] = []
     stop = threading.Event()
@@ -312,7 +328,7 @@ def test_a_retried_request_shows_two_sibling_attempt_spans(mesh: Mesh) -> None:
     assert attempts[-1].attributes["meshserve.outcome"] == "ok"
     assert attempts[0].attributes["meshserve.endpoint"] != attempts[-1].attributes["meshserve.endpoint"]
     # Log lines written inside a span (e.g. the gateway's fail-over warning) name a span the collector has.
-    for process in (mesh.gateway, mesh.workers[0][0]):
+    for process in (mesh.gateway, mesh.workers[0]):
         for line in process.output().splitlines():
             if line.startswith("{") and '"trace_id"' in line:
                 entry = json.loads(line)
