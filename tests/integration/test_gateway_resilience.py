@@ -1,0 +1,91 @@
+"""The gateway under failure: kill -9 one of 3 workers while 16 clients send, then the registry
+goes away; clients see no failed request either time."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from tests.harness import ProcessGroup, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+
+CLIENTS = 16
+
+
+class Load:
+    """16 tritonclient.aio clients sending mlp784 requests through the gateway until stopped."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.ok = 0
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.stop = asyncio.Event()
+        self.workers_seen: set[str] = set()
+
+    async def run(self) -> None:
+        x = np.random.default_rng(0).random((1, 784), dtype=np.float32)
+        async with triton_aio.InferenceServerClient(self.address) as client:
+
+            async def sender() -> None:
+                tensor = triton.InferInput("input", [1, 784], "FP32")
+                tensor.set_data_from_numpy(x)
+                while not self.stop.is_set():
+                    try:
+                        await client.infer("mlp784", [tensor], client_timeout=10)
+                        self.ok += 1
+                    except InferenceServerException as exc:
+                        self.failures[f"{exc.status()}: {exc.message()}"] += 1
+
+            await asyncio.gather(*(sender() for _ in range(CLIENTS)))
+
+    async def for_a_while(self, seconds: float) -> int:
+        before = self.ok
+        await asyncio.sleep(seconds)
+        return self.ok - before
+
+
+async def test_kill9_a_worker_then_lose_the_registry_under_load(
+    demo_repository: Path, processes: ProcessGroup, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    shutil.copytree(demo_repository / "mlp784", repository / "mlp784")
+    registry, registry_url = processes.registry()
+    workers = [processes.worker(repository, "--host", "127.0.0.1", registry_url=registry_url)[0] for _ in range(3)]
+    port = free_port()
+    gateway = processes.start(
+        "gateway", "gateway", "--registry", registry_url, "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", "0",
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    gateway.wait_serving(address)
+    gateway.wait_for_output("127.0.0.1", timeout=10)
+    await asyncio.sleep(1.0)  # all three registered and picked up
+
+    load = Load(address)
+    task = asyncio.get_running_loop().create_task(load.run())
+    try:
+        assert await load.for_a_while(1.0) > 0
+        workers[0].kill9()
+        after_kill = await load.for_a_while(3.0)
+        assert after_kill > 0
+        assert not load.failures, load.failures
+
+        # The registry disappears: the gateway keeps the last known workers.
+        registry.kill9()
+        while_down = await load.for_a_while(3.0)
+        assert while_down > 0
+    finally:
+        load.stop.set()
+        await asyncio.wait_for(task, 30)
+    assert not load.failures, load.failures
+    assert gateway.alive()
+    assert "registry unreachable" in gateway.output()
