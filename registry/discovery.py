@@ -17,6 +17,10 @@ from registry.url import connect, parse_registry_url
 log = logging.getLogger(__name__)
 
 
+class WatchClosed(Exception):
+    """Raised inside a watch whose `close()` was called; iteration then stops."""
+
+
 class _Watch:
     """A lazily connected py-consul client (aiohttp sessions must be made inside the loop)."""
 
@@ -28,6 +32,8 @@ class _Watch:
 
     @property
     def client(self) -> consul.aio.Consul:
+        if self._closed:
+            raise WatchClosed("the watcher is closed")
         if self._client is None:
             self._client = connect(self._address)
         return self._client
@@ -82,7 +88,8 @@ class ServiceWatcher(_Watch):
         while not self._closed:
             try:
                 current = await self._query.next_change()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Exception):
+                # A request cut short by close() fails in whatever way aiohttp chooses: that is the end.
                 if self._closed:
                     raise StopAsyncIteration from None
                 raise
@@ -133,7 +140,8 @@ class KVWatcher(_Watch):
         while not self._closed:
             try:
                 current = await self._query.next_change()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Exception):
+                # A request cut short by close() fails in whatever way aiohttp chooses: that is the end.
                 if self._closed:
                     raise StopAsyncIteration from None
                 raise

@@ -144,3 +144,13 @@ async def test_kv_watcher_follows_a_prefix(agent: str) -> None:
         assert await kv_get(agent, "meshserve/routes/mlp") == (None, 0)
     finally:
         await watcher.close()
+
+
+async def test_closing_a_watcher_ends_its_iteration(agent: str) -> None:
+    watcher = ServiceWatcher(agent, settings=FAST)
+    assert await asyncio.wait_for(anext(watcher), 5) == []
+    pending = asyncio.create_task(anext(watcher))  # held by a blocking query
+    await asyncio.sleep(0.2)
+    await watcher.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(pending, 5)

@@ -113,3 +113,14 @@ async def test_static_kv_has_the_kv_watcher_interface() -> None:
 def test_self_registration_satisfies_the_registrar_protocol() -> None:
     reg = SelfRegistration("consul://127.0.0.1:1", ServiceRegistration("x", "127.0.0.1", 1))
     assert isinstance(reg, Registrar)
+
+
+async def test_the_acl_token_is_sent_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry.url import connect
+
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "acl-secret")
+    client = connect("consul://127.0.0.1:8500")
+    try:
+        assert client.prepare_headers() == {"X-Consul-Token": "acl-secret"}
+    finally:
+        await client.close()
