@@ -36,6 +36,7 @@ class Mesh:
     gateway_address: str
     gateway_metrics_port: int
     workers: list[ManagedProcess]
+    worker_addresses: list[str]
     registry_http: str
     channel: grpc.Channel
 
@@ -86,7 +87,7 @@ def mesh(demo_repository: Path) -> Iterator[Mesh]:
     with otlp_receiver() as receiver, ProcessGroup() as group:
         env = otel_env(receiver)
         _, registry_url = group.registry()
-        workers = []
+        workers, worker_addresses = [], []
         # One worker with a chosen metrics port, one with the default (0: a free port, advertised in Consul Meta).
         for index, metrics_flag in enumerate([["--metrics-port", str(free_port())], []]):
             port = free_port()
@@ -106,6 +107,7 @@ def mesh(demo_repository: Path) -> Iterator[Mesh]:
             )
             worker.wait_serving(f"127.0.0.1:{port}")
             workers.append(worker)
+            worker_addresses.append(f"127.0.0.1:{port}")
         port, metrics_port = free_port(), free_port()
         gateway = group.start(
             "gateway",
@@ -126,7 +128,9 @@ def mesh(demo_repository: Path) -> Iterator[Mesh]:
         gateway.wait_serving(address)
         with grpc.insecure_channel(address) as channel:
             registry_http = registry_url.replace("consul://", "http://")
-            built = Mesh(group, receiver, gateway, address, metrics_port, workers, registry_http, channel)
+            built = Mesh(
+                group, receiver, gateway, address, metrics_port, workers, worker_addresses, registry_http, channel
+            )
             # Both workers known to the gateway before the tests start.
             wait_until(lambda: _endpoints_known(built) >= 2, 30, interval=0.2, what="the gateway to see both workers")
             yield built
@@ -190,6 +194,19 @@ def test_a_client_traceparent_yields_one_trace_through_gateway_and_worker(mesh: 
         lambda all_spans: any(s.name == "ort.run" and s.parent_span_id == batch.span_id for s in all_spans),
         what="the ort.run span of the batch",
     )
+
+
+def test_a_direct_unary_call_to_a_worker_has_one_server_span_under_the_client(mesh: Mesh) -> None:
+    traceparent, trace_id, client_span = new_traceparent()
+
+    with grpc.insecure_channel(mesh.worker_addresses[0]) as channel:
+        grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            infer_request("mlp784"), metadata=[("traceparent", traceparent)], timeout=20
+        )
+
+    spans = spans_of(mesh, trace_id, {"worker ModelInfer", "worker.queue_wait"})
+    servers = [span for group in spans.values() for span in group if span.kind == SERVER_KIND]
+    assert [(span.name, span.parent_span_id) for span in servers] == [("worker ModelInfer", client_span)]
 
 
 def test_a_batch_span_links_the_requests_it_merged(mesh: Mesh) -> None:
