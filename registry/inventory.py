@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from registry.agent.state import MAINTENANCE_PREFIX
 from registry.model import SERVICE_NAME, ServiceInstance
@@ -18,6 +21,7 @@ class InstanceHealth:
     instance: ServiceInstance
     status: str  # passing, warning, critical, or maintenance
     output: str
+    queue_depth: float | None = None  # from the instance's /metrics (Meta metrics_port), when it answers
 
     @property
     def passing(self) -> bool:
@@ -49,4 +53,30 @@ async def list_instances(
                 str(c.get("Notes", "")) for c in checks if str(c.get("CheckID")).startswith(MAINTENANCE_PREFIX)
             )
         result.append(InstanceHealth(ServiceInstance.from_health_entry(entry), status, output))
+    depths = await asyncio.gather(*(queue_depth(health.instance) for health in result))
+    result = [replace(health, queue_depth=depth) for health, depth in zip(result, depths, strict=True)]
     return sorted(result, key=lambda health: (health.instance.target, health.instance.id))
+
+
+async def queue_depth(instance: ServiceInstance, timeout_s: float = 1.0) -> float | None:
+    """Requests waiting in the instance's batch queues (`meshserve_queue_depth`), or None if unknown."""
+    port = instance.meta.get("metrics_port", "")
+    if not port.isdigit() or int(port) == 0:
+        return None
+    host = f"[{instance.address}]" if ":" in instance.address else instance.address
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(f"http://{host}:{port}/metrics") as response,
+        ):
+            if response.status != 200:
+                return None
+            text = await response.text()
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return None
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError:
+        return None
+    samples = [s.value for f in families if f.name == "meshserve_queue_depth" for s in f.samples]
+    return sum(samples) if samples else None

@@ -48,7 +48,7 @@ def status(
     for health in instances:
         inst = health.instance
         models = ", ".join(f"{mv.name}:{mv.version}" for mv in sorted(inst.models)) or "-"
-        load = inst.meta.get("load") or inst.meta.get("queue_depth") or "-"
+        load = f"queue {health.queue_depth:g}" if health.queue_depth is not None else inst.meta.get("load", "-")
         style = _STYLE.get(health.status, "")
         table.add_row(
             inst.target, inst.id, models, f"[{style}]{health.status}[/{style}]", inst.meta.get("device", "-"), load

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,18 @@ def test_status_reports_an_unreachable_registry() -> None:
     assert result.returncode == 2
     assert "unreachable" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_status_shows_a_real_workers_models_and_load(processes: ProcessGroup, demo_repository: Path) -> None:
+    _, url = processes.registry()
+    _, address = processes.worker(demo_repository, registry_url=url)
+    port = address.rsplit(":", 1)[1]
+    deadline = time.monotonic() + 10
+    result = status(url)
+    while result.returncode != 0 and time.monotonic() < deadline:  # until the agent's first gRPC check passed
+        time.sleep(0.2)
+        result = status(url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f":{port}" in result.stdout
+    assert "queue 0" in result.stdout  # read from the worker's /metrics, advertised in Meta
+    assert "mlp784:1" in result.stdout
