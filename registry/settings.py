@@ -14,7 +14,7 @@ class RegistrySettings(MeshSettings):
     registry_watch_wait_s: float = Field(60.0, gt=0, le=600)
     # Capped exponential backoff between failed or instantly-repeated queries.
     registry_backoff_initial_s: float = Field(0.1, gt=0)
-    registry_backoff_max_s: float = Field(5.0, gt=0)
+    registry_backoff_max_s: float = Field(2.0, gt=0)
     # Non-blocking calls (register, heartbeat, KV writes) give up after this long.
     registry_request_timeout_s: float = Field(5.0, gt=0)
     # How often a registered worker checks the agent still knows it (re-registers if not).

@@ -154,3 +154,24 @@ async def test_closing_a_watcher_ends_its_iteration(agent: str) -> None:
     await watcher.close()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(pending, 5)
+
+
+async def test_a_forgotten_ttl_service_registers_again(agent: str) -> None:
+    reg = ServiceRegistration(new_service_id(7002), "127.0.0.1", 7002, check="ttl", ttl="3s")
+    registration = SelfRegistration(agent, reg, settings=FAST)
+    client = connect(agent)
+    try:
+        await registration.start()
+        assert registration.registrations == 1
+        assert await client.agent.service.deregister(reg.service_id)  # the agent forgets it (e.g. an operator)
+        # The next heartbeat answers 404, and the service comes back with a passing TTL check.
+        for _ in range(100):
+            if registration.registrations >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert registration.registrations == 2
+        _, passing = await client.health.service("meshserve-worker", passing=True)
+        assert [entry["Service"]["ID"] for entry in passing] == [reg.service_id]
+    finally:
+        await registration.close()
+        await client.close()
