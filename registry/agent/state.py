@@ -7,12 +7,14 @@ holds a blocking query until that index passes the client's (or the wait ends).
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from registry.agent.definitions import CheckDefinition, ServiceDefinition
+from registry.agent.durations import format_duration
 
 MAINTENANCE_PREFIX = "_service_maintenance:"
 DEFAULT_MAINTENANCE_REASON = (
@@ -77,8 +79,6 @@ class CheckState:
     def view(self, node: str, service_tags: list[str]) -> dict[str, Any]:
         definition: dict[str, Any] = {}
         if self.definition is not None:
-            from registry.agent.durations import format_duration
-
             d = self.definition
             if d.kind == "grpc":
                 definition = {
@@ -118,8 +118,6 @@ class KVEntry:
     lock_index: int = 0
 
     def view(self) -> dict[str, Any]:
-        import base64
-
         return {
             "Key": self.key,
             "Value": base64.b64encode(self.value).decode("ascii") if self.value else None,
@@ -298,9 +296,8 @@ class AgentState:
         now = self.clock()
         for check in list(self.checks.values()):
             if check.kind == "ttl" and check.ttl_deadline is not None and now >= check.ttl_deadline:
-                check.ttl_deadline = None  # stays critical until the next heartbeat
                 self.update_check(check.check_id, "critical", "TTL expired")
-                check.ttl_deadline = None
+                check.ttl_deadline = None  # stays critical until the next heartbeat
 
     def reap_critical(self) -> list[str]:
         """Deregisters services with a check critical for longer than its DeregisterCriticalServiceAfter."""
