@@ -147,6 +147,17 @@ def parse_auth_file(path: Path) -> AuthConfig:
     return AuthConfig(tenants=tenants, key_hashes=key_hashes, jwt=jwt_config)
 
 
+def merge(config: AuthConfig, extra: AuthConfig | None) -> AuthConfig:
+    """`config` plus the tenants and keys of `extra` (e.g. `--api-key` beside an auth file)."""
+    if extra is None:
+        return config
+    return AuthConfig(
+        tenants={**extra.tenants, **config.tenants},
+        key_hashes={**extra.key_hashes, **config.key_hashes},
+        jwt=config.jwt or extra.jwt,
+    )
+
+
 class Authenticator:
     """Turns request metadata into a `Tenant`, or raises `AuthError`.
 
@@ -263,11 +274,13 @@ class AuthFileWatcher:
     invalid new file is logged and the previous configuration stays in force.
     """
 
-    def __init__(self, path: Path, authenticator: Authenticator, *, interval: float = 0.5, on_change: Any = None):
+    def __init__(
+        self, path: Path, authenticator: Authenticator, *, interval: float = 0.5, extra: AuthConfig | None = None
+    ) -> None:
         self.path = path
         self.authenticator = authenticator
         self.interval = interval
-        self.on_change = on_change
+        self.extra = extra
         self._signature: tuple[int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -281,10 +294,8 @@ class AuthFileWatcher:
     def load(self) -> AuthConfig:
         """Loads the file now (raises on error); used at start, where a bad file must stop the gateway."""
         self._signature = self._stat()
-        config = parse_auth_file(self.path)
+        config = merge(parse_auth_file(self.path), self.extra)
         self.authenticator.replace(config)
-        if self.on_change is not None:
-            self.on_change(config)
         return config
 
     def start(self) -> None:

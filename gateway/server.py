@@ -110,14 +110,15 @@ class Gateway:
 
     def _load_auth(self) -> None:
         settings = self.settings
+        extra = single_key_config(settings.api_key) if settings.api_key else None
         if settings.auth_file is not None:
             self._auth_watcher = AuthFileWatcher(
-                settings.auth_file, self.auth, interval=settings.auth_reload_interval_s
+                settings.auth_file, self.auth, interval=settings.auth_reload_interval_s, extra=extra
             )
             config: AuthConfig = self._auth_watcher.load()
             log.info("auth file %s: %d tenant(s)", settings.auth_file, len(config.tenants))
-        elif settings.api_key:
-            self.auth.replace(single_key_config(settings.api_key))
+        elif extra is not None:
+            self.auth.replace(extra)
         else:
             log.warning("no --auth-file or --api-key: the gateway accepts requests WITHOUT authentication")
 

@@ -33,6 +33,8 @@ class UpSettings(MeshSettings):
     host: str = "127.0.0.1"
     model_repository: Path | None = None
     api_key: str | None = None
+    # Tenants and keys beside the API key; created empty when missing, reloaded live.
+    auth_file: Path | None = None
     registry_port: int = 8500
     metrics_port: int = 8002
     log_level: str = "info"
@@ -199,7 +201,8 @@ class Launcher:
                 *common,
             ],
             # Through the environment, so the key does not show in `ps`.
-            env={"MESHSERVE_API_KEY": api_key},
+            env={"MESHSERVE_API_KEY": api_key}
+            | ({"MESHSERVE_AUTH_FILE": str(s.auth_file.resolve())} if s.auth_file is not None else {}),
         )
 
     async def _supervise(self, child: Child) -> None:

@@ -17,6 +17,7 @@ def up(
     port: int = typer.Option(None, help="Gateway port [default: 8001]"),
     model_repository: Path = typer.Option(None, help="Model repository; the demo models when omitted"),
     api_key: str = typer.Option(None, help="API key clients use; generated when omitted"),
+    auth_file: Path = typer.Option(None, help="Auth file for more tenants/keys (`meshserve keys create`); live reload"),
     registry_port: int = typer.Option(None, help="Embedded registry port [default: 8500]"),
     metrics_port: int = typer.Option(None, help="Gateway /metrics port [default: 8002]"),
     log_level: str = typer.Option(None, help="debug, info, warning, error [default: info]"),
@@ -37,6 +38,7 @@ def up(
             port=port,
             model_repository=model_repository,
             api_key=api_key,
+            auth_file=auth_file,
             registry_port=registry_port,
             metrics_port=metrics_port,
             log_level=log_level,
@@ -53,6 +55,8 @@ def up(
         typer.echo("preparing the demo models (first run only)...", err=True)
         repository = demo_repository()
     key = settings.api_key or new_key()
+    if settings.auth_file is not None and not settings.auth_file.exists():
+        settings.auth_file.write_text("tenants: {}\n")
     try:
         asyncio.run(launch(settings, repository, key, emit=lambda line: print(line, flush=True)))
     except LaunchError as exc:

@@ -169,3 +169,12 @@ async def test_key_rotation_in_the_file_applies_without_restart(tmp_path: Path, 
         assert auth.authenticate(bearer("new-key")).name == "acme"
     finally:
         await watcher.close()
+
+
+def test_api_key_beside_an_auth_file(tmp_path: Path, rsa_pair: tuple[bytes, str]) -> None:
+    path = tmp_path / "auth.yaml"
+    _write(path, rsa_pair[1], {"acme": ["key-acme"], "globex": []})
+    auth = Authenticator(None)
+    AuthFileWatcher(path, auth, extra=single_key_config("launcher-key")).load()
+    assert auth.authenticate(bearer("launcher-key")).name == "default"
+    assert auth.authenticate(bearer("key-acme")).name == "acme"
