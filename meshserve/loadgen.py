@@ -196,10 +196,13 @@ async def closed_loop(
                 on_progress(concurrency, min(clock() - started_at, warmup_s + duration_s), len(latencies))
 
     reporter = asyncio.create_task(report())
+    clients = [asyncio.create_task(client()) for _ in range(concurrency)]
     try:
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*clients)
     finally:
-        reporter.cancel()
+        # One client's unexpected error ends the level: nothing keeps sending behind the caller's back.
+        for task in (reporter, *clients):
+            task.cancel()
     if on_progress is not None:
         on_progress(concurrency, warmup_s + duration_s, len(latencies))
     return summarize(concurrency, duration_s, latencies, errors)

@@ -88,7 +88,6 @@ def bench(
     for column in ("concurrency", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"):
         table.add_column(column, justify="right")
     for r in results:
-        errors = ", ".join(f"{code}: {n}" for code, n in r.errors.items()) or "0"
         table.add_row(
             str(r.concurrency),
             str(r.requests),
@@ -97,9 +96,14 @@ def bench(
             _ms(r.p90_ms),
             _ms(r.p99_ms),
             _ms(r.max_ms),
-            errors,
+            str(r.error_count),
         )
     console.print(table)
+    # Codes go on their own lines: a narrow terminal would cut them off inside the table.
+    for r in results:
+        if r.errors:
+            codes = ", ".join(f"{code} {n}" for code, n in r.errors.items())
+            console.print(f"c={r.concurrency} errors by status code: {codes}", soft_wrap=True)
     if json_path is not None:
         json_path.write_text(json.dumps(report_dict(model, settings, results), indent=2, allow_nan=False, default=str))
         console.print(f"wrote {json_path}")
