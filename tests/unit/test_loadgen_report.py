@@ -1,0 +1,100 @@
+"""bench/report.py: the ratios and verdicts pasted into bench/RESULTS.md come out right."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.report import cells, paired_p50_overhead, render_markdown, targets
+
+
+def point(peer: str, model: str, c: int, rnd: int, throughput: float, p50: float) -> dict[str, Any]:
+    return {
+        "peer": peer,
+        "model": model,
+        "concurrency": c,
+        "round": rnd,
+        "result": {
+            "concurrency": c,
+            "duration_s": 1.0,
+            "requests": int(throughput),
+            "errors": {},
+            "throughput": throughput,
+            "p50_ms": p50,
+            "p90_ms": p50 * 2,
+            "p99_ms": p50 * 3,
+            "max_ms": p50 * 4,
+            "mean_ms": p50,
+        },
+        "cpu_ms_per_request": {"client": 0.2},
+    }
+
+
+def run(points: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "command": "python -m bench.run_all",
+        "started": "2026-01-01 00:00:00 UTC",
+        "machine": {"nproc": 2, "cpu": "test cpu", "kernel": "6"},
+        "versions": {"python": "3.11"},
+        "settings": {
+            "rounds": 2,
+            "duration_s": 1.0,
+            "warmup_s": 0.5,
+            "concurrency": [1, 32],
+            "mesh_workers": 1,
+            "gateway_processes": 1,
+            "triton_default_delay_us": 100,
+        },
+        "otlp_receiver": "SPANS 10 EXPORTS 1",
+        "points": points,
+        "bare_ort": {"cnn": [{"batch_size": 1, "samples_per_s": 50.0}, {"batch_size": 8, "samples_per_s": 100.0}]},
+    }
+
+
+def full_run() -> dict[str, Any]:
+    points = []
+    for rnd in (0, 1):
+        points += [
+            point("worker", "mlp784", 1, rnd, 1000, 1.0 + rnd),
+            point("mesh", "mlp784", 1, rnd, 800, 1.3 + rnd),
+            point("worker", "mlp784", 32, rnd, 3000, 10),
+            point("mesh", "mlp784", 32, rnd, 2000, 15),
+            point("mesh+tracing", "mlp784", 32, rnd, 1900, 16),
+            point("triton", "mlp784", 32, rnd, 1500, 20),
+            point("worker", "cnn", 1, rnd, 40, 25.0),
+            point("mesh", "cnn", 1, rnd, 39, 26.0),
+            point("worker", "cnn", 32, rnd, 90 + rnd * 2, 300),
+            point("triton", "cnn", 32, rnd, 100, 320),
+        ]
+    return run(points)
+
+
+def test_p50_overhead_pairs_mesh_and_worker_within_each_round() -> None:
+    # Rounds differ by a whole millisecond; the hop is 0.3 ms in both.
+    assert paired_p50_overhead(full_run()["points"], "mlp784") == pytest.approx(0.3)
+
+
+def test_targets_compute_ratios_and_verdicts() -> None:
+    data = full_run()
+    by_what = {t.what: t for t in targets(data, cells(data["points"]))}
+    worker_vs_triton = by_what["worker / Triton, mlp784, c=32"]
+    assert worker_vs_triton.measured == 2.0 and worker_vs_triton.met
+    vs_ort = by_what["worker c=32 / best batched bare ORT, cnn"]
+    assert vs_ort.measured == pytest.approx(0.91) and vs_ort.met  # median of 90 and 92 over best batch 100
+    cnn_vs_triton = by_what["worker / Triton (dynamic batcher), cnn, c=32"]
+    assert cnn_vs_triton.met is False
+    assert by_what["mesh / Triton, mlp784, c=32"].measured == 2000 / 1500
+    tracing = by_what["tracing throughput cost (100% sampled, OTLP), mlp784, c=32"]
+    assert tracing.measured == pytest.approx(5.0) and tracing.met
+
+
+def test_markdown_marks_misses_and_missing_peers() -> None:
+    data = full_run()
+    data["points"] = [p for p in data["points"] if p["peer"] != "triton"]
+    text = render_markdown(data)
+    assert "`nproc` = 2" in text
+    assert "| 2 | worker / Triton, mlp784, c=32 | n/a | >= 1.5x | not measured |" in text
+    assert "| 5 | gateway hop p50 (mesh - worker), cnn, c=1 | 1.00 ms | <= 0.4 ms | **MISSED** |" in text
+    assert "### mlp784" in text and "### cnn" in text
+    assert "best b8" in text
