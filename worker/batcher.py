@@ -119,8 +119,16 @@ class Batcher:
                 await self._wait_for_more()
             batch = self._take()
             self.metrics.queue_depth.set(len(self._queue))
-            if batch:
+            if not batch:
+                continue
+            try:
                 await self._execute(batch)
+            except Exception:  # a bug here must fail this batch, not stop the model for good
+                log.exception("batch for %s:%s failed", self.model.name, self.model.version)
+                failure = InferenceError(grpc.StatusCode.INTERNAL, "internal error in the batcher; see the worker log")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(failure)
 
     async def _wait_for_more(self) -> None:
         """Waits up to the max queue delay (from the oldest request) for a full or preferred batch."""
@@ -164,6 +172,8 @@ class Batcher:
                 continue
             batch.append(job)
             rows += job.rows
+            if rows >= self.max_rows:
+                break
         leftover.extend(self._queue)
         self._queue = leftover
         if self.preferred and rows not in self.preferred:

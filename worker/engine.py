@@ -73,12 +73,14 @@ class InferenceEngine:
         label = UNKNOWN_MODEL_LABEL
         code = grpc.StatusCode.OK
         span = None
+        model_metrics = None
         try:
             if self.draining:
                 raise InferenceError(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             served = self.repository.get(request.model_name, request.model_version)
             model = served.model
             label = model.name
+            model_metrics = served.batcher.metrics
             if self.tracing:
                 span = tracer.start_span(
                     "worker ModelInfer",
@@ -126,8 +128,8 @@ class InferenceEngine:
             if not self.in_flight:
                 self._idle.set()
             self.metrics.count_request(label, code)
-            if label != UNKNOWN_MODEL_LABEL:
-                self.metrics.duration.labels("worker", label).observe(time.perf_counter() - started)
+            if model_metrics is not None:
+                model_metrics.duration.observe(time.perf_counter() - started)
             if span is not None:
                 span.end()
 

@@ -196,3 +196,10 @@ def test_process_survived_every_error(served: tuple[ManagedProcess, str], client
     assert served[0].alive()
     assert "Traceback" not in served[0].output()
     assert_still_serves(client)
+
+
+def test_missing_repository_is_a_clear_start_failure(tmp_path: Path, processes: ProcessGroup) -> None:
+    proc = processes.start("worker", "worker", "--model-repository", str(tmp_path / "nowhere"), "--port", "0")
+    assert proc.popen.wait(timeout=60) == 1
+    assert f"model repository {tmp_path / 'nowhere'} is not a directory" in proc.output()
+    assert "Traceback" not in proc.output()
