@@ -69,7 +69,10 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, grpc.aio.AioRpcError):
         details = exc.details() or ""
         draining = details.startswith(DRAINING_MESSAGE_PREFIX) or _draining_in(exc.trailing_metadata())
-        return Failure(exc.code(), details, draining=draining, connection=False)
+        # grpc.aio reports our own cancellations as asyncio.CancelledError, so a CANCELLED
+        # status means the peer tore the call down (a worker stopping with calls in flight).
+        torn_down = exc.code() == grpc.StatusCode.CANCELLED
+        return Failure(exc.code(), details, draining=draining, connection=torn_down)
     if isinstance(exc, TimeoutError):
         return Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", draining=False, connection=False)
     if isinstance(exc, ConnectionError | OSError):

@@ -3,9 +3,9 @@
 The latency estimate jumps up to any slower observation at once ("peak") and
 decays towards faster ones with time constant `decay_s`; it also decays while
 no answer arrives, so an endpoint that was slow once is probed again later.
-Outstanding work is this balancer's own in-flight attempts, or the worker's
-latest load report (queue depth + in flight, which counts other gateways'
-requests too) while that report is fresh.
+Outstanding work is this balancer's own in-flight attempts, plus, while the
+worker's latest load report is fresh, the part of that report that is not
+ours (queue depth + in flight counts other gateways' requests too).
 """
 
 from __future__ import annotations
@@ -59,12 +59,18 @@ class EndpointLoad:
         self._reported_at = -math.inf
 
     def report(self, queue_depth: int, in_flight: int) -> None:
-        self._reported = max(queue_depth, 0) + max(in_flight, 0)
+        """A worker's load report, read while the attempt that carried it is still pending.
+
+        The worker counts our other pending attempts but not the one it just
+        answered; what is left is other clients' work.
+        """
+        ours = max(self.pending - 1, 0)
+        self._reported = max(max(queue_depth, 0) + max(in_flight, 0) - ours, 0)
         self._reported_at = self._clock()
 
     def outstanding(self) -> int:
         if self._clock() - self._reported_at <= self._report_ttl_s:
-            return max(self.pending, self._reported)
+            return self.pending + self._reported
         return self.pending
 
     def cost(self) -> float:
