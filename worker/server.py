@@ -63,6 +63,8 @@ class WorkerServer:
         self.watcher: RepositoryWatcher | None = None
         self._server: grpc.aio.Server | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._started = asyncio.Event()
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -104,6 +106,7 @@ class WorkerServer:
         if settings.watch_interval > 0:
             self.watcher = RepositoryWatcher(self.repository, settings.watch_interval, settings.unload_drain)
             self.watcher.start()
+        self._started.set()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,6 +127,7 @@ class WorkerServer:
         let in-flight and queued requests finish within the grace period, stop."""
         settings = self.settings
         grace = settings.drain_grace if grace is None else grace
+        await self._started.wait()  # a signal during model loading drains once serving began
         started = time.monotonic()
         log.info("draining: %d requests in flight, grace %.1fs", self.engine.in_flight, grace)
         try:
@@ -168,6 +172,8 @@ class WorkerServer:
     def _tags_changed(self) -> None:
         if self.registration is not None:
             task = asyncio.get_running_loop().create_task(self.registration.update_tags())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             task.add_done_callback(_log_failure)
 
 

@@ -28,9 +28,7 @@ def worker(
     log_level: str = typer.Option(None, help="debug, info, warning, error [default: info]"),
     max_message_size: int = typer.Option(None, help="Largest gRPC message in bytes [default: 64 MiB]"),
     drain_grace: float = typer.Option(None, help="Seconds in-flight work may take after SIGTERM [default: 30]"),
-    drain_delay: float = typer.Option(
-        None, help="Seconds to keep serving after NOT_SERVING [default: 1]"
-    ),
+    drain_delay: float = typer.Option(None, help="Seconds to keep serving after NOT_SERVING [default: 1]"),
     watch_interval: float = typer.Option(
         None, help="Seconds between scans for new/removed model versions; 0 turns hot loading off [default: 1]"
     ),
@@ -83,10 +81,10 @@ async def _serve(settings: WorkerSettings, tracing: bool) -> None:
     from worker.server import WorkerServer
 
     server = WorkerServer(settings, tracing=tracing)
+    server.install_signal_handlers()
     try:
         await server.start()
     except BaseException:
         await server.close()
         raise
-    server.install_signal_handlers()
     await server.wait_stopped()

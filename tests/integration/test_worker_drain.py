@@ -57,9 +57,10 @@ async def test_sigterm_under_load_fails_no_request_in_flight(demo_repository: Pa
     before = [o for o in outcomes if o[0] < signalled]
     assert len(in_flight) >= CLIENTS // 2, "the worker was not under load when signalled"
     assert all(code == "OK" for _, _, code in before), [o for o in before if o[2] != "OK"]
-    # Requests sent after the signal are either served (during the drain delay) or refused as
-    # unavailable, never failed any other way.
+    # Requests sent after the signal are served (during the drain delay), refused as unavailable
+    # (draining), or, when they reach gRPC while it closes the listener, cancelled by gRPC itself
+    # before any handler saw them; never failed any other way.
     after = {code for sent, _, code in outcomes if sent >= signalled}
-    assert after <= {"OK", "StatusCode.UNAVAILABLE", "connection"}, after
+    assert after <= {"OK", "StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "connection"}, after
     log = proc.output()
     assert "draining" in log and "drained and stopped" in log
