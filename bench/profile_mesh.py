@@ -1,0 +1,188 @@
+"""Where the mesh path spends CPU: py-spy samples of the gateway and the worker under load.
+
+    python -m bench.profile_mesh [--model mlp784] [--concurrency 32] [--seconds 6] [--top 25]
+
+Starts registry + worker + gateway with the real CLI, loads the gateway from
+`tritonclient.grpc.aio`, records both servers with py-spy (`pip install
+py-spy`; needs ptrace rights) and prints, per process, the functions with the
+most samples on the stack (inclusive) and at the top of it (self), plus the
+CPU milliseconds each process spent per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench import bare_ort
+from bench.processes import Child, Children, free_port
+from bench.tritonclient_load import TritonClientLoad
+
+# Frames worth listing by inclusive time; the rest (CLI, event loop plumbing) is on every stack.
+INTERESTING = ("gateway/", "worker/", "loadbalancer/", "registry/", "protos/", "grpc/aio", "tenacity", "opentelemetry")
+
+
+def parse_collapsed(text: str) -> tuple[Counter[str], Counter[str], int]:
+    """py-spy `--format raw` lines (`frame;frame;... count`) -> (inclusive, self, total samples)."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    return inclusive, own, total
+
+
+def start_mesh(children: Children, repository: Path, api_key: str) -> tuple[Child, Child, str]:
+    registry_port, worker_port, gateway_port = free_port(), free_port(), free_port()
+    children.meshserve("registry", "registry", "--port", str(registry_port))
+    registry_url = f"consul://127.0.0.1:{registry_port}"
+    time.sleep(1.0)
+    worker = children.meshserve(
+        "worker",
+        "worker",
+        "--model-repository",
+        str(repository),
+        "--registry",
+        registry_url,
+        "--port",
+        str(worker_port),
+        "--host",
+        "127.0.0.1",
+        "--advertise-address",
+        "127.0.0.1",
+        "--log-level",
+        "warning",
+    )
+    gateway = children.meshserve(
+        "gateway",
+        "gateway",
+        "--registry",
+        registry_url,
+        "--port",
+        str(gateway_port),
+        "--host",
+        "127.0.0.1",
+        "--api-key",
+        api_key,
+        "--metrics-port",
+        str(free_port()),
+        "--log-level",
+        "warning",
+    )
+    return worker, gateway, f"127.0.0.1:{gateway_port}"
+
+
+async def load(
+    url: str, api_key: str, model: str, repository: Path, concurrency: int, seconds: float, ready: asyncio.Event
+) -> float:
+    client = TritonClientLoad(url, api_key)
+    try:
+        deadline = time.monotonic() + 120
+        while not await client.ready(model):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model} not ready through the gateway at {url}")
+            await asyncio.sleep(0.2)
+        session = bare_ort.session(bare_ort.model_path(repository / model), 1)
+        ready.set()
+        result = await client.run(model, bare_ort.random_inputs(session, 1), concurrency, seconds, 1.0)
+        print(f"load: {result.throughput:.0f} req/s, p50 {result.p50_ms:.2f} ms, errors {result.errors}", flush=True)
+        return result.throughput * seconds
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp784")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.access(py_spy, os.X_OK):
+        raise SystemExit("py-spy not found: pip install py-spy")
+
+    from meshserve.demo_models import write_demo_repository
+
+    work = Path(tempfile.mkdtemp(prefix="meshserve-profile-"))
+    repository = work / "models"
+    write_demo_repository(repository)
+    api_key = secrets.token_hex(8)
+    with Children(work / "logs") as children:
+        worker, gateway, url = start_mesh(children, repository, api_key)
+        recorders = {}
+        cpu_before = {}
+
+        def record(name: str, child: Child) -> None:
+            cpu_before[name] = child.cpu_seconds()
+            out = work / f"{name}.txt"
+            recorders[name] = (
+                subprocess.Popen(
+                    [
+                        py_spy,
+                        "record",
+                        "--pid",
+                        str(child.popen.pid),
+                        "--duration",
+                        str(int(args.seconds)),
+                        "--rate",
+                        "200",
+                        "--format",
+                        "raw",
+                        "--nonblocking",
+                        "--output",
+                        str(out),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+                out,
+                child,
+            )
+
+        async def profiled_load() -> float:
+            ready = asyncio.Event()
+            task = asyncio.create_task(
+                load(url, api_key, args.model, repository, args.concurrency, args.seconds + 1, ready)
+            )
+            await ready.wait()
+            await asyncio.sleep(1.0)  # the load's warm-up second, before sampling starts
+            record("gateway", gateway)
+            record("worker", worker)
+            return await task
+
+        requests = asyncio.run(profiled_load())
+        for name, (proc, out, child) in recorders.items():
+            proc.wait(timeout=60)
+            cpu_ms = (child.cpu_seconds() - cpu_before[name]) * 1000.0
+            inclusive, own, total = parse_collapsed(out.read_text() if out.exists() else "")
+            print(f"\n== {name}: {total} samples; ~{cpu_ms / max(requests, 1):.3f} CPU ms per request")
+            print("  self (top of stack):")
+            for frame, count in own.most_common(args.top):
+                print(f"    {100 * count / max(total, 1):5.1f}%  {frame}")
+            print("  inclusive (meshserve packages, grpc.aio, tenacity, opentelemetry):")
+            ours = Counter({f: n for f, n in inclusive.items() if any(part in f for part in INTERESTING)})
+            for frame, count in ours.most_common(args.top):
+                print(f"    {100 * count / max(total, 1):5.1f}%  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
