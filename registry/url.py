@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import os
+import ssl
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import aiohttp
 import consul.aio
+import consul.base
 
 DEFAULT_PORT = 8500
 _SCHEMES = {"consul": "http", "consul+http": "http", "consul+https": "https", "http": "http", "https": "https"}
@@ -73,12 +76,41 @@ def parse_registry_url(url: str | None, environ: Mapping[str, str] | None = None
     )
 
 
+class _HTTPClient(consul.aio.HTTPClient):
+    """py-consul's aiohttp adapter with an explicit TLS context and no total timeout (callers bound each
+    call; a blocking query may rightly take minutes). py-consul's own passes aiohttp arguments that
+    are deprecated."""
+
+    def __init__(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: object = None) -> None:
+        consul.base.HTTPClient.__init__(self, host, port, scheme, verify=verify, cert=cert)
+        self.loop = None
+        tls: ssl.SSLContext | bool = False
+        if scheme == "https":
+            tls = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            if verify is False:
+                tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls), timeout=timeout)
+        self.token: str | None = None
+
+    def _request(self, callback, method, uri, headers, data=None, connections_timeout=None, raw=False):  # type: ignore[no-untyped-def,override]
+        # Some py-consul calls (e.g. /status/leader) send no token; an ACL-enabled cluster needs it on all.
+        if self.token and not (headers or {}).get("X-Consul-Token"):
+            headers = {**(headers or {}), "X-Consul-Token": self.token}
+        return super()._request(callback, method, uri, headers, data, connections_timeout, raw)
+
+
+class _Consul(consul.aio.Consul):
+    def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: object = None):  # type: ignore[no-untyped-def]
+        return _HTTPClient(host, port, scheme, verify=verify, cert=cert)
+
+
 def connect(address: ConsulAddress | str | None) -> consul.aio.Consul:
     """An async py-consul client for `address`. Call inside a running event loop; close it with `await c.close()`."""
     if not isinstance(address, ConsulAddress):
         address = parse_registry_url(address)
-    # py-consul builds an SSL context whenever verify is truthy, even for plain http.
-    verify: bool | str = (address.ca_file or True) if address.scheme == "https" else False
-    return consul.aio.Consul(
-        host=address.host, port=address.port, scheme=address.scheme, token=address.token, verify=verify
+    client = _Consul(
+        host=address.host, port=address.port, scheme=address.scheme, token=address.token, verify=address.ca_file or True
     )
+    client.http.token = client.token
+    return client
