@@ -197,6 +197,9 @@ def test_static_quantized_model_serves_and_a_tampered_version_is_refused(mesh: M
     for proc, _ in mesh.workers:
         proc.wait_for_output("digits-q/3/model.onnx does not match manifest.json", timeout=30)
     assert mesh.advertised("digits-q") == [{"1", "2"}, {"1", "2"}]
+    for proc, _ in mesh.workers:  # published versions were never seen half-written, only the damaged one failed
+        assert "cannot serve model digits-q:1" not in proc.output()
+        assert "cannot serve model digits-q:2" not in proc.output()
     with triton.InferenceServerClient(mesh.gateway) as client:
         expected = labels(client, "digits-q", DIGITS.inputs, "1")
         quantized = labels(client, "digits-q", DIGITS.inputs, "2")
@@ -264,3 +267,6 @@ def test_hot_load_and_unload_under_traffic_fail_no_request(mesh: Mesh) -> None:
     assert failures == {}, failures
     assert outcomes["v1"] > 0 and outcomes["v2"] > 0
     assert mesh.advertised("digits-hot") == [{"1"}, {"1"}]
+    # The workers scanned every 0.2 s while publish ran: none ever tried to load a half-written version.
+    for proc, _ in mesh.workers:
+        assert "cannot serve model digits-hot" not in proc.output()
