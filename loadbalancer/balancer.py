@@ -24,7 +24,7 @@ from tenacity import RetryCallState
 from loadbalancer.discovery import EndpointSet, EndpointSets
 from loadbalancer.ejection import OutlierDetector
 from loadbalancer.endpoint import Connection, Endpoint, EndpointState
-from loadbalancer.errors import AttemptFailed, Failure, NoEndpointAvailable, classify
+from loadbalancer.errors import AttemptFailed, Failure, NoEndpointAvailable, classify, is_retryable
 from loadbalancer.hedging import LatencyTracker, hedged
 from loadbalancer.load import EndpointLoad
 from loadbalancer.metrics import BalancerMetrics
@@ -192,6 +192,15 @@ class Balancer:
         self._budget.deposit()
         model_policy = self.model_policy(model)
         request = _Request(model, version, attempt, deadline, hash_key, self._policy(model_policy.policy))
+        one_attempt = self._hedged_attempt if model_policy.hedge else self._single_attempt
+        try:
+            # The first attempt runs outside tenacity: most calls succeed at once, and
+            # tenacity's per-attempt bookkeeping costs more than the pick itself.
+            return await one_attempt(request)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            first_failure = exc
         gate = RetryGate(
             model=model,
             version=version,
@@ -203,10 +212,19 @@ class Balancer:
             budget=self._budget,
             on_budget_exhausted=lambda: self.metrics.budget_exhausted.labels(model).inc(),
         )
+        replayed = False
+
+        async def attempts(request: _Request) -> T:
+            # Tenacity's first "attempt" hands it the failure that already happened,
+            # so its retry/stop/wait decisions see every real attempt in order.
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                raise first_failure
+            return await one_attempt(request)
+
         controller = retrying(self.settings, gate, lambda state: self._count_retry(request, state))
-        if model_policy.hedge:
-            return await controller(self._hedged_attempt, request)
-        return await controller(self._single_attempt, request)
+        return await controller(attempts, request)
 
     def _count_retry(self, request: _Request, state: RetryCallState) -> None:
         assert state.outcome is not None

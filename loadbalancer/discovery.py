@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SetKey = tuple[str, str]  # (model, version)
+NEUTRAL_SAMPLE = 32  # peers whose median latency a new endpoint starts with
 
 
 def model_versions(instance: ServiceInstance) -> set[SetKey]:
@@ -145,7 +146,13 @@ class EndpointSets:
 
     def _neutral_latency(self, keys: set[SetKey]) -> float:
         """The median estimate of the peers a new endpoint joins: it neither starves nor gets flooded."""
-        peers = [endpoint.load.ewma.raw for key in keys if key in self.sets for endpoint in self.sets[key].members]
+        # A bounded sample keeps adding N endpoints O(N), not O(N^2).
+        peers = [
+            endpoint.load.ewma.raw
+            for key in keys
+            if key in self.sets
+            for endpoint in self.sets[key].members[:NEUTRAL_SAMPLE]
+        ]
         return statistics.median(peers) if peers else self._default_latency_s
 
     # -- closing ---------------------------------------------------------
