@@ -201,6 +201,7 @@ def render_markdown(run: dict[str, Any]) -> str:
         f"Triton: nvidia-pytriton, ONNX Runtime in the bound callable, dynamic batcher (config.yaml's batching, "
         f"else max queue delay {settings['triton_default_delay_us']} us)",
         f"- tracing: 100% sampled, OTLP/gRPC to a local receiver process ({run.get('otlp_receiver', '')})",
+        *(f"- note: {note}" for note in run.get("notes", [])),
         "",
         "### Targets",
         "",

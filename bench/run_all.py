@@ -350,7 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(args, repository, children)
         receiver: Child | None = None
         try:
-            triton = None if args.no_triton else bench.start_triton()
+            triton = None
+            if not args.no_triton:
+                try:
+                    triton = bench.start_triton()
+                except OSError as exc:
+                    bench.notes.append(f"Triton could not be started ({args.triton_python}): {exc}")
             direct, mesh = bench.start_mesh(MESH, env=None)
             bench.peers += [direct, mesh]
             if not args.no_tracing:
@@ -368,8 +373,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traced.processes["otlp-receiver"] = receiver
                 bench.peers.append(traced)
             if triton is not None:
-                triton.processes["triton"].wait_for_output(TRITON_READY, 240)
-                bench.peers.append(triton)
+                try:
+                    triton.processes["triton"].wait_for_output(TRITON_READY, 240)
+                    bench.peers.append(triton)
+                except (RuntimeError, TimeoutError) as exc:
+                    # The mesh's own numbers are still worth recording; the report says Triton is missing.
+                    triton.processes["triton"].stop()
+                    bench.notes.append(f"Triton did not start, its columns are missing: {str(exc).splitlines()[0]}")
+                    print(f"bench: {exc}", file=sys.stderr, flush=True)
             points = asyncio.run(run_peers(bench))
         except BaseException:
             print(f"bench failed; children's logs in {log_dir}", file=sys.stderr, flush=True)
@@ -404,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "triton_default_delay_us": args.triton_default_delay_us,
         },
         "otlp_receiver": receiver_totals,
+        "notes": bench.notes,
         "points": [{**dataclasses.asdict(p), "result": p.result.to_dict()} for p in points],
         "bare_ort": {m: [dataclasses.asdict(r) for r in rs] for m, rs in ort_results.items()},
     }
