@@ -373,3 +373,31 @@ def test_tls_on_the_public_port(mesh: Mesh, tmp_path: Path) -> None:
     plain = triton.InferenceServerClient(mesh.tls_address)
     with pytest.raises(InferenceServerException):
         plain.infer("digits", [_digits_input()[1]], headers=_bearer(FULL_KEY), client_timeout=5)
+
+
+# -- several gateway processes on one port -----------------------------------------------------
+
+
+def test_processes_share_the_port_and_stop_together(mesh: Mesh) -> None:
+    port = free_port()
+    gateway = mesh.group.start(
+        f"gateway-x2-{port}", "gateway", "--registry", mesh.registry_url, "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", "0", "--api-key", FULL_KEY, "--processes", "2",
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    gateway.wait_serving(address)
+    wait_until(lambda: gateway.output().count("gateway serving on") == 2, 20, what="two gateway processes")
+    for _ in range(20):
+        client = triton.InferenceServerClient(address)  # new connections spread over the processes
+        assert client.infer("digits", [_digits_input()[1]], headers=_bearer(FULL_KEY)).as_numpy("label").shape == (1,)
+        client.close()
+    children = [int(line.split()[0]) for line in _ps_children(gateway.pid)]
+    assert len(children) == 1
+    assert gateway.stop(timeout=20) == 0
+    wait_until(lambda: not _ps_children(gateway.pid) and not Path(f"/proc/{children[0]}").exists(), 10,
+               what="sibling gateway stopped")  # fmt: skip
+
+
+def _ps_children(pid: int) -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
