@@ -1,6 +1,6 @@
 """The side-by-side benchmark of issues 2, 5 and 6: one run, one machine, every peer.
 
-    python -m bench.run_all [--duration 4] [--rounds 3] [--markdown bench/last-run.md]
+    python -m bench.run_all [--duration 4] [--rounds 3] [--markdown bench/out/last-run.md]
 
 Starts, with the real CLI, an embedded registry + worker + gateway (the mesh;
 its worker is also called directly), the same again with tracing on (100%
@@ -101,8 +101,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ort-seconds", type=float, default=1.5, help="seconds per batch size for bare ORT")
     parser.add_argument("--ort-batches", default="1,2,4,8,16,32,64")
     parser.add_argument("--model-repository", type=Path, help="default: the demo models, written fresh")
-    parser.add_argument("--markdown", type=Path, default=Path("bench/last-run.md"))
-    parser.add_argument("--json", type=Path, default=Path("bench/last-run.json"))
+    parser.add_argument("--markdown", type=Path, default=Path("bench/out/last-run.md"))
+    parser.add_argument("--json", type=Path, default=Path("bench/out/last-run.json"))
     parser.add_argument("--log-dir", type=Path, help="children's logs [default: a temp dir]")
     return parser.parse_args(argv)
 
@@ -420,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bare_ort": {m: [dataclasses.asdict(r) for r in rs] for m, rs in ort_results.items()},
     }
     markdown = render_markdown(run)
+    for path in (args.json, args.markdown):
+        path.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(run, indent=1))
     args.markdown.write_text(markdown)
     print(markdown)
