@@ -135,3 +135,12 @@ def test_cli_convert_prints_the_difference_and_fails_cleanly(
     assert bad.exit_code == 1
     assert "does not exist" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_difference_over_tolerance_fails_and_writes_nothing(
+    sklearn_classifier: tuple[Path, object], tmp_path: Path
+) -> None:
+    # float64 scikit-learn vs float32 ONNX never agree to the last bit: a zero tolerance must fail.
+    with pytest.raises(ModelToolError, match=r"differ from the sklearn model's by up to .*tolerance 0"):
+        convert(sklearn_classifier[0], tmp_path / "strict.onnx", sample=DIGITS_X[:100], tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []
