@@ -102,6 +102,11 @@ class RepositoryWatcher:
             loaded = set(self.repository.versions(name))
             for version in sorted(versions - loaded):
                 await self._load(name, version)
+        for name, version in list(self._refused):
+            versions = wanted.get(name, set())
+            if versions is not None and version not in versions:  # gone from disk: forget why it failed
+                del self._refused[(name, version)]
+                self.repository.failures.pop(f"{name}:{version}", None)
         for name, version in self.repository.served():
             versions = wanted.get(name, set())
             if versions is not None and version not in versions and (name, version) not in self._unloading:

@@ -108,13 +108,13 @@ def validate(
             reference,
             reference.stat().st_size,
             ref_accuracy,
-            _latencies(ref_session, ref_spec.name, ref_inputs, latency_runs),
+            _latencies(ref_session, ref_spec, ref_inputs, latency_runs),
         ),
         candidate=ModelStats(
             candidate,
             candidate.stat().st_size,
             cand_accuracy,
-            _latencies(cand_session, cand_spec.name, cand_inputs, latency_runs),
+            _latencies(cand_session, cand_spec, cand_inputs, latency_runs),
         ),
         samples=len(ref_scores),
         top1_agreement=agreement,
@@ -125,8 +125,10 @@ def validate(
     )
 
 
-def _latencies(session: ort.InferenceSession, name: str, inputs: np.ndarray, runs: int) -> dict[int, float | None]:
-    fixed = sessions.single_input(session, Path("model")).fixed_batch
+def _latencies(
+    session: ort.InferenceSession, spec: sessions.TensorSpec, inputs: np.ndarray, runs: int
+) -> dict[int, float | None]:
+    fixed, name = spec.fixed_batch, spec.name
     result: dict[int, float | None] = {}
     for batch in LATENCY_BATCHES:
         if (fixed and fixed != batch) or len(inputs) == 0:
