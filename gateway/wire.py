@@ -13,7 +13,6 @@ are added), so `id` and extra `parameters` are set by appending bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from typing import NamedTuple
 
 # Field numbers shared by ModelInferRequest and ModelInferResponse.
@@ -37,6 +36,9 @@ _WIRE_LEN = 2
 _WIRE_FIXED32 = 5
 
 ParamValue = bool | int | str | float
+
+
+_SMALL = [bytes((n,)) for n in range(0x80)]
 
 
 class WireError(ValueError):
@@ -87,32 +89,47 @@ def _skip(data: bytes, pos: int, wire_type: int) -> int:
     return end
 
 
-def _fields(data: bytes, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int, int]]:
-    """Yields (field number, wire type, value start, value end) for the top level of a message.
+def _fields(data: bytes, start: int = 0, stop: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(field number, wire type, value start, value end) for the top level of a message.
 
     For length-delimited fields the span excludes the length prefix; for the
-    others it is the raw encoded value.
+    others it is the raw encoded value. Runs once per request and response, so
+    one-byte keys and lengths (the common case) take a fast path.
     """
+    fields: list[tuple[int, int, int, int]] = []
     pos = start
     end = len(data) if stop is None else stop
-    while pos < end:
-        key, pos = _varint(data, pos)
-        field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise WireError("field number 0")
-        if wire_type == _WIRE_LEN:
-            length, pos = _varint(data, pos)
-            value_end = pos + length
-            if value_end > end:
-                raise WireError("truncated length-delimited field")
-            yield field, wire_type, pos, value_end
-            pos = value_end
-        else:
-            value_start = pos
-            pos = _skip(data, pos, wire_type)
-            if pos > end:
-                raise WireError("truncated field")
-            yield field, wire_type, value_start, pos
+    try:
+        while pos < end:
+            key = data[pos]
+            if key < 0x80:
+                pos += 1
+            else:
+                key, pos = _varint(data, pos)
+            field = key >> 3
+            wire_type = key & 7
+            if field == 0:
+                raise WireError("field number 0")
+            if wire_type == _WIRE_LEN:
+                length = data[pos]
+                if length < 0x80:
+                    pos += 1
+                else:
+                    length, pos = _varint(data, pos)
+                value_end = pos + length
+                if value_end > end:
+                    raise WireError("truncated length-delimited field")
+                fields.append((field, wire_type, pos, value_end))
+                pos = value_end
+            else:
+                value_start = pos
+                pos = _skip(data, pos, wire_type)
+                if pos > end:
+                    raise WireError("truncated field")
+                fields.append((field, wire_type, value_start, pos))
+    except IndexError as exc:
+        raise WireError("truncated message") from exc
+    return fields
 
 
 def scan_request(data: bytes) -> RequestHead:
@@ -136,6 +153,8 @@ def scan_request(data: bytes) -> RequestHead:
 
 
 def _encode_varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _SMALL[value]
     if value < 0:
         value += 1 << 64
     out = bytearray()
@@ -202,6 +221,18 @@ def _decode_param_value(data: bytes, start: int, end: int) -> ParamValue | None:
 
 
 def _parameter_entry(data: bytes, start: int, end: int) -> tuple[str, ParamValue | None]:
+    # Fast path for what workers send: one-byte lengths, key then an int64/bool value.
+    if end - start >= 6 and data[start] == 0x0A and data[start + 1] < 0x80:
+        key_end = start + 2 + data[start + 1]
+        if key_end + 3 <= end and data[key_end] == 0x12 and key_end + 2 + data[key_end + 1] == end:
+            tag = data[key_end + 2]
+            if tag == 0x10 or tag == 0x08:  # int64_param / bool_param
+                number, stop = _varint(data, key_end + 3)
+                if stop == end:
+                    key = data[start + 2 : key_end].decode(errors="replace")
+                    if tag == 0x08:
+                        return key, bool(number)
+                    return key, number - (1 << 64) if number >= 1 << 63 else number
     key = ""
     value: ParamValue | None = None
     for field, wire_type, vstart, vend in _fields(data, start, end):
