@@ -401,3 +401,41 @@ def test_processes_share_the_port_and_stop_together(mesh: Mesh) -> None:
 def _ps_children(pid: int) -> list[str]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if line.strip()]
+
+
+def test_worker_errors_pass_through_with_their_code_and_message(mesh: Mesh) -> None:
+    client = triton.InferenceServerClient(mesh.address)
+    tensor = triton.InferInput("input", [1, 63], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 63), dtype=np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("digits", [tensor], headers=_bearer(FULL_KEY))
+    assert _status(info.value) == "StatusCode.INVALID_ARGUMENT"
+    assert "input" in info.value.message() and "Traceback" not in info.value.message()
+    # Garbage instead of a ModelInferRequest is refused at the gateway.
+    with grpc.insecure_channel(mesh.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as raw:
+            call(b"\x0a\xff\xff", metadata=(("authorization", f"Bearer {FULL_KEY}"),), timeout=5)
+        assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def test_trace_id_comes_back_and_continues_the_clients_trace(mesh: Mesh) -> None:
+    port = free_port()
+    gateway = mesh.group.start(
+        f"gateway-traced-{port}", "gateway", "--registry", mesh.registry_url, "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", "0", "--api-key", FULL_KEY,
+        env={"OTEL_TRACES_EXPORTER": "console"},
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    gateway.wait_serving(address)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    metadata = (("authorization", f"Bearer {FULL_KEY}"), ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"))
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="mlp784")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 784])
+        request.raw_input_contents.append(np.zeros(784, dtype=np.float32).tobytes())
+        _, call = stub.ModelInfer.with_call(request, metadata=metadata, timeout=10)
+        assert ("meshserve-trace-id", trace_id) in tuple(call.trailing_metadata())
+    gateway.stop(timeout=10)
+    assert '"name": "gateway ModelInfer"' in gateway.log_path.read_text()

@@ -1,5 +1,5 @@
-"""The gateway under failure: kill -9 one of 3 workers while 16 clients send, then the registry
-goes away; clients see no failed request either time."""
+"""The gateway under failure: kill -9 one of 3 workers while 16 clients send, SIGTERM another, then
+the registry goes away; clients see no failed request at any point."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class Load:
         return self.ok - before
 
 
-async def test_kill9_a_worker_then_lose_the_registry_under_load(
+async def test_kill9_sigterm_and_registry_loss_under_load(
     demo_repository: Path, processes: ProcessGroup, tmp_path: Path
 ) -> None:
     repository = tmp_path / "repo"
@@ -77,6 +77,11 @@ async def test_kill9_a_worker_then_lose_the_registry_under_load(
         workers[0].kill9()
         after_kill = await load.for_a_while(3.0)
         assert after_kill > 0
+        assert not load.failures, load.failures
+
+        # A graceful stop (SIGTERM: deregister, drain) loses nothing either.
+        assert workers[1].stop(timeout=30) == 0
+        assert await load.for_a_while(1.0) > 0
         assert not load.failures, load.failures
 
         # The registry disappears: the gateway keeps the last known workers.
