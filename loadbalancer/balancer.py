@@ -113,6 +113,7 @@ class Balancer:
             lambda initial_s: EndpointLoad(initial_s, settings.ewma_decay_s, settings.load_report_ttl_s, clock),
             settings.default_latency_ms / 1000.0,
             clock,
+            settings.unlisted_ttl_s,
         )
         self._policies: dict[str, Policy] = {}
         self._model_policies: dict[str, ModelPolicy] = {}
@@ -186,6 +187,8 @@ class Balancer:
         """
         if self._closed:
             raise NoEndpointAvailable(model, version, "the balancer is shut down")
+        if self._sets.unlisted:
+            self._sets.expire_unlisted()
         if (model, version) not in self._sets.sets:
             raise NoEndpointAvailable(model, version, f"no passing worker serves {model}:{version}")
         deadline = None if timeout is None else self._clock() + timeout

@@ -4,6 +4,12 @@ An endpoint (one worker, one connection) belongs to the set of every model
 version its `model=<name>:<version>` tags name. Added endpoints are usable at
 once; removed ones leave every set at once and their connection is closed
 after their in-flight calls finish.
+
+One exception keeps a registry glitch from becoming an outage: when one batch
+of changes would leave a set with no endpoint at all (an agent restarted with
+an empty catalog, a broken ACL token, a watcher bug), those endpoints stay as
+`unlisted` last-known endpoints. They serve (and fail over) as before until
+the registry lists any endpoint of their sets again, or `unlisted_ttl_s` passes.
 """
 
 from __future__ import annotations
@@ -79,7 +85,10 @@ class EndpointSets:
         new_load: Callable[[float], EndpointLoad],
         default_latency_s: float,
         clock: Callable[[], float],
+        unlisted_ttl_s: float = 0.0,
     ) -> None:
+        self._unlisted_ttl_s = unlisted_ttl_s
+        self.unlisted: dict[str, Endpoint] = {}
         self._connector = connector
         self._new_load = new_load
         self._default_latency_s = default_latency_s
@@ -93,14 +102,73 @@ class EndpointSets:
     # -- registry events -------------------------------------------------
 
     def apply(self, changes: Iterable[EndpointChange]) -> None:
+        changes = list(changes)
+        keep = self._last_known(changes)
         for change in changes:
             kind = change.kind
             if kind == "removed":
-                self._remove(change.instance.id)
+                if change.instance.id in keep:
+                    self._unlist(change.instance.id, keep[change.instance.id])
+                else:
+                    self._remove(change.instance.id)
             elif kind in ("added", "updated"):
                 self._upsert(change.instance)
             else:
                 logger.warning("ignoring endpoint change of unknown kind %r", kind)
+        self.expire_unlisted()
+
+    def _last_known(self, changes: list[EndpointChange]) -> dict[str, set[SetKey]]:
+        """Removed endpoints that are the whole of some set after this batch, and those sets."""
+        if self._unlisted_ttl_s <= 0:
+            return {}
+        removed = {change.instance.id for change in changes if change.kind == "removed"}
+        if not removed:
+            return {}
+        refilled: set[SetKey] = set()
+        for change in changes:
+            if change.kind != "removed":
+                refilled |= model_versions(change.instance)
+        keep: dict[str, set[SetKey]] = {}
+        for key in {key for endpoint_id in removed for key in self._membership.get(endpoint_id, ())}:
+            members = self.sets[key].members
+            listed = any(m.id not in removed and m.unlisted_since is None for m in members)
+            if not listed and key not in refilled:
+                for member in members:
+                    if member.id in removed:
+                        keep.setdefault(member.id, set()).add(key)
+        return keep
+
+    def _unlist(self, endpoint_id: str, keys: set[SetKey]) -> None:
+        """Keeps an endpoint the registry dropped, in the sets it would have emptied only."""
+        endpoint = self.by_id.get(endpoint_id)
+        if endpoint is None:
+            return
+        for key in self._membership[endpoint_id] - keys:
+            self._leave(endpoint, key)
+        self._membership[endpoint_id] &= keys
+        if endpoint.unlisted_since is not None:
+            return
+        endpoint.unlisted_since = self._clock()
+        self.unlisted[endpoint_id] = endpoint
+        logger.warning(
+            "the registry no longer lists any endpoint of this endpoint's models; keeping it as last known",
+            extra={"endpoint": endpoint.target, "seconds": self._unlisted_ttl_s},
+        )
+
+    def expire_unlisted(self) -> None:
+        """Unlisted endpoints leave the sets that are listed again, and go after `unlisted_ttl_s`."""
+        if not self.unlisted:
+            return
+        now = self._clock()
+        for endpoint_id, endpoint in list(self.unlisted.items()):
+            keys = self._membership[endpoint_id]
+            for key in list(keys):
+                if any(member.unlisted_since is None for member in self.sets[key].members):
+                    self._leave(endpoint, key)
+                    keys.discard(key)
+            since = endpoint.unlisted_since if endpoint.unlisted_since is not None else now
+            if not keys or now - since >= self._unlisted_ttl_s:
+                self._remove(endpoint_id)
 
     def _upsert(self, instance: ServiceInstance) -> None:
         current = self.by_id.get(instance.id)
@@ -119,6 +187,8 @@ class EndpointSets:
             current.instance = instance
             # A re-announced endpoint is serving again (e.g. back from maintenance).
             current.draining = False
+            current.unlisted_since = None
+            self.unlisted.pop(current.id, None)
         had = self._membership[current.id]
         for key in had - wanted:
             self._leave(current, key)
@@ -128,6 +198,7 @@ class EndpointSets:
 
     def _remove(self, endpoint_id: str) -> None:
         endpoint = self.by_id.pop(endpoint_id, None)
+        self.unlisted.pop(endpoint_id, None)
         if endpoint is None:
             return
         for key in self._membership.pop(endpoint_id, set()):

@@ -23,6 +23,7 @@ class EndpointState(enum.StrEnum):
     ACTIVE = "active"
     EJECTED = "ejected"  # outlier ejection; returns by itself
     DRAINING = "draining"  # the worker said it is draining; the registry will remove it
+    UNLISTED = "unlisted"  # gone from the registry with the rest of its set: kept as last known
     REMOVED = "removed"  # gone from the registry; closed once its in-flight calls finish
 
 
@@ -48,6 +49,7 @@ class Endpoint:
         self.returned_at = -math.inf
         self.draining = False
         self.removed = False
+        self.unlisted_since: float | None = None
 
     @property
     def state(self) -> EndpointState:
@@ -57,6 +59,8 @@ class Endpoint:
             return EndpointState.DRAINING
         if self._clock() < self.ejected_until:
             return EndpointState.EJECTED
+        if self.unlisted_since is not None:
+            return EndpointState.UNLISTED
         return EndpointState.ACTIVE
 
     def usable(self, now: float) -> bool:

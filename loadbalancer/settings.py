@@ -25,6 +25,11 @@ class BalancerSettings(MeshSettings):
     load_report_ttl_s: float = Field(1.0, ge=0, description="how long a worker's load report counts")
     failure_penalty: float = Field(4.0, ge=1, description="a failed attempt counts as this many times the estimate")
     least_request_choices: int = Field(2, ge=2, description="random candidates compared by least_request")
+    unlisted_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        description="how long endpoints stay usable when the registry suddenly lists none of their set (0: never)",
+    )
     hash_virtual_nodes: int = Field(100, ge=1, description="ring points per endpoint for consistent_hash")
 
     # Outlier ejection (Envoy's outlier detection).

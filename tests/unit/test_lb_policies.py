@@ -202,9 +202,43 @@ def test_endpoint_sets_follow_registry_changes() -> None:
 
     lb.apply([EndpointChange("updated", instance(1, "digits:2"))])
     assert lb.versions("digits") == {"2"}
-    lb.apply([EndpointChange("removed", instance(2))])
-    assert {e.id for e in lb.endpoints("digits", "2")} == {"w1"}
-    assert lb.versions("resnet") == set()
+    lb.apply([EndpointChange("removed", instance(1))])
+    assert {e.id for e in lb.endpoints("digits", "2")} == {"w2"}
+    assert lb.versions("resnet") == {"1"}
+
+
+def test_a_registry_update_that_empties_a_set_keeps_its_endpoints_as_last_known() -> None:
+    clock = FakeClock()
+    lb = balancer(0, clock, unlisted_ttl_s=30)
+    lb.apply(added(instance(1, "digits:1", "resnet:1"), instance(2, "digits:1"), instance(3, "resnet:1")))
+    # An agent restarted with an empty catalog: everything is "removed" at once.
+    lb.apply([EndpointChange("removed", instance(n)) for n in (1, 2, 3)])
+    assert lb.versions("digits") == {"1"} and lb.versions("resnet") == {"1"}
+    assert {e.state.value for e in lb.endpoints()} == {"unlisted"}
+    assert lb.metrics.registry.get_sample_value("meshserve_endpoints", {"model": "digits", "state": "unlisted"}) == 2
+
+    # The workers register again one by one: a set listed again drops its unlisted members.
+    lb.apply(added(instance(4, "digits:1")))
+    assert {e.id for e in lb.endpoints("digits")} == {"w4"}
+    assert {e.id for e in lb.endpoints("resnet")} == {"w1", "w3"}
+    lb.apply(added(instance(3, "resnet:1")))  # the same worker, listed again
+    assert {(e.id, e.state.value) for e in lb.endpoints("resnet")} == {("w3", "active")}
+
+    # Removing one endpoint of a set that keeps others is an ordinary removal.
+    lb.apply(added(instance(5, "digits:1")))
+    lb.apply([EndpointChange("removed", instance(4))])
+    assert {e.id for e in lb.endpoints("digits")} == {"w5"}
+
+    # Nothing comes back: the last known endpoints go after the TTL.
+    lb.apply([EndpointChange("removed", instance(5))])
+    assert {e.state.value for e in lb.endpoints("digits")} == {"unlisted"}
+    clock.now += 30
+    lb.apply([])
+    assert lb.versions("digits") == set()
+
+    without = balancer(1, clock, unlisted_ttl_s=0)
+    without.apply([EndpointChange("removed", instance(0))])
+    assert without.versions("digits") == set()
 
 
 async def test_added_endpoint_is_usable_at_once_and_removed_one_closes_after_its_calls() -> None:
