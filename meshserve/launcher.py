@@ -66,6 +66,12 @@ def demo_repository(cache: Path = DEMO_CACHE) -> Path:
     return cache
 
 
+def example_model(repository: Path) -> str:
+    """The model the banner's example uses: digits when there, else the first in the repository."""
+    names = sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return "digits" if "digits" in names or not names else names[0]
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     os.setsid()
     if sys.platform.startswith("linux"):
@@ -272,12 +278,12 @@ class Launcher:
             await self._start(self.gateway)
             await self._wait_serving(f"127.0.0.1:{s.port}", self.gateway, s.ready_timeout_s)
             if not self.stopping.is_set():
-                self._banner(api_key)
+                self._banner(api_key, example_model(repository))
             await self.stopping.wait()
         finally:
             await self.shutdown()
 
-    def _banner(self, api_key: str) -> None:
+    def _banner(self, api_key: str, model: str) -> None:
         s = self.settings
         lines = [
             "",
@@ -288,7 +294,7 @@ class Launcher:
             f"  metrics   http://127.0.0.1:{s.metrics_port}/metrics",
             "",
             "try:",
-            f"  meshserve infer digits --random --url 127.0.0.1:{s.port} --api-key {api_key}",
+            f"  meshserve infer {model} --random --url 127.0.0.1:{s.port} --api-key {api_key}",
             "",
             "Ctrl-C stops everything.",
             "",

@@ -55,7 +55,7 @@ def test_up_starts_answers_restarts_and_stops_cleanly(
     up.wait_for_output("meshserve is up", timeout=90)
     output = up.output()
     key = re.search(r"API key\s+(\S+)", output).group(1)
-    assert f"meshserve infer digits --random --url 127.0.0.1:{port} --api-key {key}" in output
+    assert f"meshserve infer mlp784 --random --url 127.0.0.1:{port} --api-key {key}" in output
     assert "worker-1 |" in output and "gateway |" in output  # children's logs, prefixed
 
     client = triton.InferenceServerClient(f"127.0.0.1:{port}")
