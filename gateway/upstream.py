@@ -50,7 +50,9 @@ class _Stream:
         self.call = upstream._stream_method()
         self.pending: dict[bytes, asyncio.Future[wire.ResponseHead]] = {}
         self.broken = False
-        # gRPC allows one outstanding send per call.
+        # gRPC allows one outstanding send per call. A lock lets an uncontended
+        # request write inline (measured: cheaper than handing messages to a
+        # writer task, which costs a task switch per request).
         self._write_lock = asyncio.Lock()
         self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"upstream-read {upstream.target}")
 
