@@ -59,6 +59,20 @@ class Stream:
         return replies
 
 
+async def until_in_flight(channel: grpc.aio.Channel, count: int) -> None:
+    """Waits until the worker holds `count` requests, read from the load report that even a refused
+    call carries (a request for an unknown model is refused at once and is not counted itself)."""
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    for _ in range(200):
+        call = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="probe"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+        if int(dict(await call.trailing_metadata())["meshserve-in-flight"]) >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"the worker never held {count} requests")
+
+
 def status_of(reply: service_pb2.ModelStreamInferResponse) -> int:
     params = reply.infer_response.parameters
     return params["meshserve.status_code"].int64_param if "meshserve.status_code" in params else OK
@@ -123,7 +137,7 @@ async def test_deadline_passed_is_dropped_and_draining_is_answered(
         stream.send(request("digits", x, "in-time", deadline_ms=30_000))
         for i in range(4):
             stream.send(request("digits", x, f"in-flight-{i}"))
-        await asyncio.sleep(0.1)  # let the worker read them
+        await until_in_flight(channel, 6)
         drained = await mesh_pb2_grpc.MeshAdminStub(channel).DrainWorker(mesh_pb2.DrainWorkerRequest(), timeout=5)
         assert drained.in_flight == 6
         stream.send(request("digits", x, "after-drain"))

@@ -31,7 +31,19 @@ MODELS = {
 }
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 # Every refusal says what was wrong in words like these.
-ACTIONABLE = ("expected", "got", "unknown", "missing", "outside", "twice", "UTF-8", "does not fit", "has no version")
+ACTIONABLE = (
+    "expected",
+    "got",
+    "unknown",
+    "missing",
+    "outside",
+    "twice",
+    "UTF-8",
+    "fit",
+    "has no version",
+    "truncated",
+    "declares",
+)
 
 
 @pytest.fixture(scope="module")
