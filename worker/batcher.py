@@ -13,7 +13,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -63,6 +63,12 @@ def _run_error(model: OnnxModel, exc: Exception) -> InferenceError:
     return InferenceError(code, f"model '{model.name}' version {model.version} failed to run: {first_line}")
 
 
+def _fail(jobs: Iterable[Job], error: InferenceError) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)
+
+
 class Batcher:
     def __init__(self, model: OnnxModel, executor: Executor, metrics: ModelMetrics, tracing: bool = False) -> None:
         self.model = model
@@ -93,9 +99,7 @@ class Batcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for job in self._queue:
-            if not job.future.done():
-                job.future.set_exception(InferenceError(grpc.StatusCode.UNAVAILABLE, "model was unloaded"))
+        _fail(self._queue, InferenceError(grpc.StatusCode.UNAVAILABLE, "model was unloaded"))
         self._queue.clear()
 
     def submit(self, job: Job) -> asyncio.Future[JobResult]:
@@ -123,12 +127,14 @@ class Batcher:
                 continue
             try:
                 await self._execute(batch)
+            except asyncio.CancelledError:  # stopped (unloaded) mid-run: nobody may wait forever
+                _fail(batch, InferenceError(grpc.StatusCode.UNAVAILABLE, "model was unloaded"))
+                raise
             except Exception:  # a bug here must fail this batch, not stop the model for good
                 log.exception("batch for %s:%s failed", self.model.name, self.model.version)
-                failure = InferenceError(grpc.StatusCode.INTERNAL, "internal error in the batcher; see the worker log")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(failure)
+                _fail(
+                    batch, InferenceError(grpc.StatusCode.INTERNAL, "internal error in the batcher; see the worker log")
+                )
 
     async def _wait_for_more(self) -> None:
         """Waits up to the max queue delay (from the oldest request) for a full or preferred batch."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -171,3 +172,21 @@ async def test_stop_fails_queued_requests_as_unavailable(tmp_path: Path, executo
     with pytest.raises(InferenceError) as caught:
         await queued
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_stop_during_a_run_fails_that_batch_as_unavailable(tmp_path: Path) -> None:
+    # One executor thread, held busy, so the batch sits in run_in_executor when stop() comes.
+    pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    pool.submit(release.wait, 10)
+    batcher = Batcher(load(tmp_path, add_model(0.0)), pool, WorkerMetrics().for_model("m"))
+    batcher.start()
+    running = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    await asyncio.sleep(0.05)  # event-loop turns only: the batcher takes the job and hands it to the pool
+    assert batcher.running == 1 and batcher.depth == 0
+    await batcher.stop()
+    release.set()
+    with pytest.raises(InferenceError) as caught:
+        await asyncio.wait_for(running, 5)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    pool.shutdown(wait=True)
