@@ -20,6 +20,13 @@ class ModelLoadError(Exception):
     """A model file ONNX Runtime cannot serve; the message names the file and the reason."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow), not the host's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
 def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
     """The requested providers that can run here, in order, always ending with CPU."""
     chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
@@ -77,7 +84,7 @@ class OnnxModel:
         self.path = path
         self.config = config
         options = ort.SessionOptions()
-        options.intra_op_num_threads = config.intra_op_threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = config.intra_op_threads or usable_cores()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Spinning intra-op threads burn the cores the event loop (and, on small hosts, the
