@@ -124,7 +124,7 @@ class InferenceForwarder:
         code = "OK"
         try:
             metadata = context.invocation_metadata()
-            head = self._admit(request, metadata)
+            head = self.admit(request, metadata)
             model = head.model_name
             timeout = context.time_remaining()
             if timeout is None:
@@ -132,9 +132,7 @@ class InferenceForwarder:
             if self._tracing:
                 response = await self._traced(request, head, metadata, timeout, context)
             else:
-                response = await self._forward(
-                    request, head, metadata, timeout, metadata_value(metadata, "traceparent")
-                )
+                response = await self.forward(request, head, metadata, timeout, metadata_value(metadata, "traceparent"))
             return response + wire.encode_id(head.id)
         except RequestRefused as refused:
             code = refused.code.name
@@ -158,7 +156,7 @@ class InferenceForwarder:
         finally:
             self.metrics.observe(model, code, time.perf_counter() - started)
 
-    def _admit(self, request: bytes, metadata: Sequence[tuple[str, str | bytes]] | None) -> wire.RequestHead:
+    def admit(self, request: bytes, metadata: Sequence[tuple[str, str | bytes]] | None) -> wire.RequestHead:
         """Authentication, request head, authorization, rate limit: everything decided before routing."""
         try:
             tenant = self.auth.authenticate(metadata)
@@ -188,7 +186,7 @@ class InferenceForwarder:
             )
         return head
 
-    async def _forward(
+    async def forward(
         self,
         request: bytes,
         head: wire.RequestHead,
@@ -238,7 +236,7 @@ class InferenceForwarder:
             if span.is_recording():
                 context.set_trailing_metadata(((TRACE_ID_METADATA, format(span_context.trace_id, "032x")),))
             try:
-                return await self._forward(request, head, metadata, timeout_s, None)
+                return await self.forward(request, head, metadata, timeout_s, None)
             except RequestRefused as exc:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
                 span.set_attribute("rpc.grpc.status_code", exc.code.value[0])

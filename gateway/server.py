@@ -23,6 +23,7 @@ from gateway.ratelimit import RateLimiter
 from gateway.routes import RouteTable, parse_routes
 from gateway.servicer import SERVICE, MeshServicer
 from gateway.settings import GatewaySettings
+from gateway.streaming import StreamForwarder
 from gateway.upstream import Upstream, UpstreamOptions
 from loadbalancer.balancer import Balancer, ModelPolicy
 from loadbalancer.metrics import BalancerMetrics
@@ -97,6 +98,7 @@ class Gateway:
             self.metrics,
             default_timeout_s=settings.default_timeout_s,
         )
+        self.streams = StreamForwarder(self.forwarder)
         self.servicer = MeshServicer(self.balancer, self.routes, self.auth, version)
         self.health = health.aio.HealthServicer()
         self._workers: ServiceWatcher | None = None
@@ -133,6 +135,7 @@ class Gateway:
         server = grpc.aio.server(options=options)
         handlers = {
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self.forwarder.model_infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.streams.model_stream_infer),
             "ModelReady": grpc.unary_unary_rpc_method_handler(self.servicer.model_ready),
             "ModelMetadata": grpc.unary_unary_rpc_method_handler(self.servicer.model_metadata),
             "ServerLive": _proto_handler(self.servicer.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),

@@ -280,3 +280,13 @@ def scan_response(data: bytes) -> ResponseHead:
 def encode_model_version(version: str) -> bytes:
     """The `model_version` field (2) of a ModelInferRequest/ModelMetadataRequest/ModelReadyRequest, to append."""
     return _len_field(_MODEL_VERSION, version.encode())
+
+
+def encode_stream_response(response: bytes) -> bytes:
+    """A `ModelStreamInferResponse` wrapping a serialized `ModelInferResponse`."""
+    return _len_field(_INFER_RESPONSE, response)
+
+
+def encode_stream_error(message: str, request_id: bytes) -> bytes:
+    """A `ModelStreamInferResponse` that reports a failed request (its id kept for the client)."""
+    return _len_field(_ERROR_MESSAGE, message.encode()) + _len_field(_INFER_RESPONSE, encode_id(request_id))

@@ -439,3 +439,22 @@ def test_trace_id_comes_back_and_continues_the_clients_trace(mesh: Mesh) -> None
         assert ("meshserve-trace-id", trace_id) in tuple(call.trailing_metadata())
     gateway.stop(timeout=10)
     assert '"name": "gateway ModelInfer"' in gateway.log_path.read_text()
+
+
+def test_streaming_through_the_gateway(mesh: Mesh) -> None:
+    import queue
+
+    results: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = triton.InferenceServerClient(mesh.address)
+    client.start_stream(lambda result, error: results.put((result, error)), headers=_bearer(FULL_KEY))
+    try:
+        for index in range(20):
+            client.async_stream_infer("digits", [_digits_input(seed=index)[1]], request_id=f"s-{index}")
+        client.async_stream_infer("nope", [_digits_input()[1]], request_id="s-missing")
+        answers = [results.get(timeout=10) for _ in range(21)]
+    finally:
+        client.stop_stream()
+    ids = {result.get_response().id for result, error in answers if error is None}
+    assert ids == {f"s-{index}" for index in range(20)}
+    errors = [error for _, error in answers if error is not None]
+    assert len(errors) == 1 and "not served" in str(errors[0])

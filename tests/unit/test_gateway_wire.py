@@ -117,3 +117,11 @@ def test_random_bytes_never_raise_anything_but_wire_error(data: bytes) -> None:
         wire.scan_response(data)
     except wire.WireError:
         pass
+
+
+def test_stream_response_and_error_encodings_parse() -> None:
+    inner = pb.ModelInferResponse(model_name="m", id="c-1", raw_output_contents=[b"\x01\x02"])
+    wrapped = pb.ModelStreamInferResponse.FromString(wire.encode_stream_response(inner.SerializeToString()))
+    assert wrapped.infer_response == inner and wrapped.error_message == ""
+    error = pb.ModelStreamInferResponse.FromString(wire.encode_stream_error("model 'x' is not served", b"c-2"))
+    assert error.error_message == "model 'x' is not served" and error.infer_response.id == "c-2"
