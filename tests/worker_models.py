@@ -88,7 +88,8 @@ def save(model: onnx.ModelProto, root: Path, name: str, version: int = 1, config
 
 
 def write_test_repository(root: Path, demo: Path | None = None) -> Path:
-    """The demo models (copied from `demo`) plus every test model above, and one broken model."""
+    """The demo models (copied from `demo`) plus every test model above, one broken model file and one
+    model with an invalid config.yaml."""
     if demo is not None:
         shutil.copytree(demo, root, dirs_exist_ok=True)
     for datatype in DATATYPES:
@@ -97,6 +98,7 @@ def write_test_repository(root: Path, demo: Path | None = None) -> Path:
     save(add_model(2.0), root, "add", 2)
     save(static_model(), root, "static")
     save(gather_model(), root, "gather")
+    save(add_model(0.0), root, "badconfig", config="max_batch_size: -1\n")
     broken = root / "broken" / "1"
     broken.mkdir(parents=True, exist_ok=True)
     (broken / "model.onnx").write_bytes(b"this is not an onnx model")

@@ -189,6 +189,8 @@ def test_broken_model_is_reported_and_others_load(served: tuple[ManagedProcess, 
     log = proc.output()
     assert "cannot serve model broken:1" in log
     assert "broken/1/model.onnx" in log
+    assert "cannot serve model badconfig" in log and "badconfig/config.yaml" in log
+    assert not client.is_model_ready("badconfig")
     assert not client.is_model_ready("broken")
     for model in ("digits", "mlp784", "cnn", "add", "static", "gather"):
         assert client.is_model_ready(model), model

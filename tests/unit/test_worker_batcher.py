@@ -190,3 +190,23 @@ async def test_stop_during_a_run_fails_that_batch_as_unavailable(tmp_path: Path)
         await asyncio.wait_for(running, 5)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     pool.shutdown(wait=True)
+
+
+async def test_instance_count_runs_batches_side_by_side(tmp_path: Path) -> None:
+    pool = ThreadPoolExecutor(max_workers=4)
+    release = threading.Event()
+    for _ in range(4):  # hold every thread, so runs stay in flight until released
+        pool.submit(release.wait, 10)
+    batcher = Batcher(load(tmp_path, add_model(1.0), instance_count=2), pool, WorkerMetrics().for_model("m"))
+    batcher.start()
+    first = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    await asyncio.sleep(0.05)  # the first instance takes it
+    second = batcher.submit(job(np.ones((1, 4), np.float32)))
+    await asyncio.sleep(0.05)  # the second instance takes this one while the first run is pending
+    assert batcher.running == 2
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert [r.batch_size for r in results] == [1, 1]
+    np.testing.assert_array_equal(results[1].outputs[0], np.full((1, 4), 2, np.float32))
+    await batcher.stop()
+    pool.shutdown(wait=True)
