@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO_ROOT, ProcessGroup
+from tests.harness import REPO_ROOT, ProcessGroup, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +71,32 @@ def test_bench_on_an_unknown_model_says_so_without_a_traceback(demo_repository: 
     assert done.returncode == 1
     assert "NOT_FOUND" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_bench_through_the_gateway_sends_the_api_key(demo_repository: Path, processes: ProcessGroup) -> None:
+    import tritonclient.grpc as triton
+
+    _, registry_url = processes.registry()
+    processes.worker(demo_repository, "--host", "127.0.0.1", registry_url=registry_url)
+    port = free_port()
+    gateway = processes.start(
+        "gateway", "gateway", "--registry", registry_url, "--host", "127.0.0.1", "--port", str(port),
+        "--api-key", "bench-key", "--metrics-port", str(free_port()),
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    gateway.wait_serving(address)
+    client = triton.InferenceServerClient(address)
+    wait_until(
+        lambda: client.is_model_ready("digits", headers={"authorization": "Bearer bench-key"}), 30, what="digits"
+    )
+
+    done = bench("digits", "--url", address, "--api-key", "bench-key", "--concurrency", "2", "--duration", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "errors by status code" not in done.stdout
+
+    refused = bench("digits", "--url", address, "--api-key", "wrong-key", "--duration", "1")
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in refused.stdout
 
 
 def test_bench_rejects_bad_levels() -> None:
