@@ -307,3 +307,24 @@ async def test_model_policy_overrides_the_default() -> None:
         lb.set_model_policy("digits", ModelPolicy(policy="random"))  # type: ignore[arg-type]
     order = [await lb.call("digits", "1", lambda ep, _r: _ready(ep.id), timeout=1) for _ in range(6)]
     assert order[:3] == order[3:] and len(set(order)) == 3
+
+
+async def test_consistent_hash_keeps_a_key_on_one_endpoint_and_fails_over_when_it_is_down() -> None:
+    lb = balancer(5, policy="consistent_hash", backoff_base_ms=0)
+
+    async def owner_of(key: str) -> str:
+        return await lb.call("digits", "1", lambda ep, _r: _ready(ep.id), timeout=1, hash_key=key)
+
+    owners = {key: await owner_of(key) for key in "abcdefgh"}
+    for key, owner in owners.items():
+        assert await owner_of(key) == owner
+    assert len(set(owners.values())) > 1
+
+    down = owners["a"]
+
+    async def owner_down(endpoint: Endpoint, _remaining: float | None) -> str:
+        if endpoint.id == down:
+            raise ConnectionRefusedError("connection refused")
+        return endpoint.id
+
+    assert await lb.call("digits", "1", owner_down, timeout=1, hash_key="a") != down
