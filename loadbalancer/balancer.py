@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -68,7 +68,7 @@ class AttemptObserver(Protocol):
     def __call__(self, event: AttemptEvent) -> None: ...
 
 
-class _Request:
+class _Request(Generic[T]):
     """One call's state across its attempts."""
 
     __slots__ = ("attempt_fn", "attempts", "deadline", "hash_key", "model", "policy", "tried", "version")
@@ -93,6 +93,8 @@ class _Request:
 
 
 class Balancer:
+    """Client-side balancing for one process (the gateway): see the module docstring and docs/internals.md."""
+
     def __init__(
         self,
         settings: BalancerSettings,
@@ -194,7 +196,7 @@ class Balancer:
         deadline = None if timeout is None else self._clock() + timeout
         self._budget.deposit()
         model_policy = self.model_policy(model)
-        request = _Request(model, version, attempt, deadline, hash_key, self._policy(model_policy.policy))
+        request: _Request[T] = _Request(model, version, attempt, deadline, hash_key, self._policy(model_policy.policy))
         one_attempt = self._hedged_attempt if model_policy.hedge else self._single_attempt
         try:
             # The first attempt runs outside tenacity: most calls succeed at once, and
@@ -217,7 +219,7 @@ class Balancer:
         )
         replayed = False
 
-        async def attempts(request: _Request) -> T:
+        async def attempts(request: _Request[T]) -> T:
             # Tenacity's first "attempt" hands it the failure that already happened,
             # so its retry/stop/wait decisions see every real attempt in order.
             nonlocal replayed
@@ -229,25 +231,25 @@ class Balancer:
         controller = retrying(self.settings, gate, lambda state: self._count_retry(request, state))
         return await controller(attempts, request)
 
-    def _count_retry(self, request: _Request, state: RetryCallState) -> None:
+    def _count_retry(self, request: _Request[T], state: RetryCallState) -> None:
         assert state.outcome is not None
         error = state.outcome.exception()
         reason = classify(error).outcome if error is not None else "unknown"
         self.metrics.retries.labels(request.model, reason).inc()
 
-    def _pick(self, request: _Request) -> Endpoint | None:
+    def _pick(self, request: _Request[T]) -> Endpoint | None:
         endpoint_set = self._sets.sets.get((request.model, request.version))
         if endpoint_set is None:
             return None
         return request.policy.pick(endpoint_set, request.tried, self._clock(), request.hash_key)
 
-    def _pick_or_raise(self, request: _Request) -> Endpoint:
+    def _pick_or_raise(self, request: _Request[T]) -> Endpoint:
         endpoint = self._pick(request)
         if endpoint is None:
             raise NoEndpointAvailable(request.model, request.version, self._why_none(request))
         return endpoint
 
-    def _why_none(self, request: _Request) -> str:
+    def _why_none(self, request: _Request[T]) -> str:
         endpoint_set = self._sets.sets.get((request.model, request.version))
         if endpoint_set is None:
             return f"no passing worker serves {request.model}:{request.version}"
@@ -262,11 +264,11 @@ class Balancer:
         tried = sum(1 for endpoint in endpoint_set.members if endpoint.id in request.tried)
         return f"no untried endpoint left ({total} endpoints: {tried} tried, {ejected} ejected, {draining} draining)"
 
-    async def _single_attempt(self, request: _Request) -> T:
+    async def _single_attempt(self, request: _Request[T]) -> T:
         request.attempts += 1
         return await self._run(request, self._pick_or_raise(request), request.attempts, hedge=False)
 
-    async def _hedged_attempt(self, request: _Request) -> T:
+    async def _hedged_attempt(self, request: _Request[T]) -> T:
         request.attempts += 1
         number = request.attempts
         first = self._pick_or_raise(request)
@@ -283,7 +285,7 @@ class Balancer:
 
         return await hedged(self._run(request, first, number, hedge=False), self._hedge_delay(request), start_hedge)
 
-    def _hedge_delay(self, request: _Request) -> float:
+    def _hedge_delay(self, request: _Request[T]) -> float:
         p95 = self._latency(request.model).p95()
         delay = self.settings.hedge_default_delay_ms / 1000.0 if p95 is None else p95
         if request.deadline is not None:
@@ -297,7 +299,7 @@ class Balancer:
             self._latencies[model] = tracker
         return tracker
 
-    async def _run(self, request: _Request, endpoint: Endpoint, number: int, *, hedge: bool) -> T:
+    async def _run(self, request: _Request[T], endpoint: Endpoint, number: int, *, hedge: bool) -> T:
         """One attempt on one endpoint: deadline, load accounting, ejection, span and event."""
         request.tried.add(endpoint.id)
         start = self._clock()
@@ -337,7 +339,7 @@ class Balancer:
                 self._sets.release(endpoint)
                 self._notify(request, endpoint, number, outcome, hedge, self._clock() - start)
 
-    async def _bounded(self, request: _Request, endpoint: Endpoint, remaining: float | None) -> T:
+    async def _bounded(self, request: _Request[T], endpoint: Endpoint, remaining: float | None) -> T:
         """The attempt, cut off shortly after the caller's deadline in case it does not enforce it."""
         if remaining is None:
             return await request.attempt_fn(endpoint, None)
@@ -351,13 +353,13 @@ class Balancer:
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded waiting for {endpoint.target}"
             ) from exc
 
-    def _succeeded(self, request: _Request, endpoint: Endpoint, elapsed: float) -> None:
+    def _succeeded(self, request: _Request[T], endpoint: Endpoint, elapsed: float) -> None:
         endpoint.load.ewma.observe(elapsed)
         self._outliers.success(endpoint)
         self._latency(request.model).record(elapsed)
 
     def _failed(
-        self, request: _Request, endpoint: Endpoint, failure: Failure, elapsed: float, allotted: float | None
+        self, request: _Request[T], endpoint: Endpoint, failure: Failure, elapsed: float, allotted: float | None
     ) -> None:
         if failure.draining:
             endpoint.draining = True  # out of rotation until the registry removes or re-announces it
@@ -375,7 +377,7 @@ class Balancer:
             self._outliers.success(endpoint)
 
     def _notify(
-        self, request: _Request, endpoint: Endpoint, number: int, outcome: str, hedge: bool, took: float
+        self, request: _Request[T], endpoint: Endpoint, number: int, outcome: str, hedge: bool, took: float
     ) -> None:
         if self._on_attempt is None:
             return
