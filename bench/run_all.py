@@ -116,9 +116,23 @@ def versions() -> dict[str, str]:
             continue
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         found["meshserve commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
         ).stdout.strip()
     return found
+
+
+def triton_venv_versions(python: Path) -> dict[str, str]:
+    """Versions inside the Triton peer's own environment (it cannot share meshserve's numpy/protobuf)."""
+    script = (
+        "import importlib.metadata as m\n"
+        "for d in ('nvidia-pytriton', 'onnxruntime', 'numpy'):\n"
+        "    print(d, m.version(d))"
+    )
+    try:
+        out = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {f"{name} (Triton venv)": version for name, version in (line.split() for line in out.stdout.splitlines())}
 
 
 def machine() -> dict[str, Any]:
@@ -404,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": machine(),
-        "versions": {**versions(), "Triton server": bench.triton_version},
+        "versions": {**versions(), **triton_venv_versions(args.triton_python), "Triton server": bench.triton_version},
         "settings": {
             "rounds": args.rounds,
             "duration_s": args.duration,
