@@ -72,11 +72,17 @@ def failure_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal gateway error"
 
 
-async def attempt_on(endpoint: Endpoint, request: bytes, timeout_s: float | None, traceparent: str | None) -> bytes:
-    """One try on one worker: the response bytes, or AttemptFailed with the worker's status."""
-    extra = b""
+async def attempt_on(
+    endpoint: Endpoint, request: bytes, suffix: bytes, timeout_s: float | None, traceparent: str | None
+) -> bytes:
+    """One try on one worker: the response bytes, or AttemptFailed with the worker's status.
+
+    `suffix` holds fields to append to the request (the routed version); the
+    request's own bytes are copied once, when the hop's fields are appended.
+    """
+    extra = suffix
     if timeout_s is not None:
-        extra = wire.encode_int64_parameter(_DEADLINE_KEY, max(1, int(timeout_s * 1000)))
+        extra += wire.encode_int64_parameter(_DEADLINE_KEY, max(1, int(timeout_s * 1000)))
     if traceparent:
         extra += wire.encode_parameter("traceparent", traceparent)
     upstream: Upstream = endpoint.connection  # type: ignore[assignment]
@@ -199,9 +205,8 @@ class InferenceForwarder:
             version = self.routes.resolve(model, head.model_version)
         except RouteError as exc:
             raise RequestRefused(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-        if not head.model_version:
-            # The worker must serve the version the route chose, not its own default.
-            request += wire.encode_model_version(version)
+        # The worker must serve the version the route chose, not its own default.
+        suffix = b"" if head.model_version else wire.encode_model_version(version)
         route = self.routes.route(model)
         hash_key = metadata_value(metadata, route.hash_header) if route is not None and route.hash_header else None
         tracing = self._tracing
@@ -213,7 +218,7 @@ class InferenceForwarder:
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier)
                 parent = carrier.get("traceparent", traceparent)
-            return await attempt_on(endpoint, request, remaining, parent)
+            return await attempt_on(endpoint, request, suffix, remaining, parent)
 
         return await self.balancer.call(model, version, attempt, timeout=timeout_s, hash_key=hash_key)
 
