@@ -211,7 +211,8 @@ class Balancer:
             version=version,
             max_attempts=self.settings.max_attempts,
             deadline=deadline,
-            min_attempt_s=self.settings.min_attempt_ms / 1000.0,
+            # Another attempt must have a fair chance: at least the model's typical latency.
+            min_attempt_s=max(self.settings.min_attempt_ms / 1000.0, self._latency(model).p50() or 0.0),
             clock=self._clock,
             has_untried=lambda: self._pick(request) is not None,
             budget=self._budget,

@@ -1,4 +1,4 @@
-"""Hedged requests ("The Tail at Scale"): per-model latency p95, and the race of two attempts."""
+"""Hedged requests ("The Tail at Scale"): per-model latency quantiles, and the race of two attempts."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ T = TypeVar("T")
 
 
 class LatencyTracker:
-    """The recent successful latencies of one model; p95 recomputed only when asked and stale."""
+    """The recent successful latencies of one model; quantiles recomputed only when asked and stale."""
 
     def __init__(self, window: int, min_samples: int) -> None:
         self._window = window
         self._min_samples = min_samples
         self._samples: list[float] = []
         self._next = 0
-        self._unsorted = 0  # samples since the cached p95
-        self._p95: float | None = None
+        self._unsorted = 0  # samples since the cached quantiles
+        self._quantiles: tuple[float, float] | None = None  # (p50, p95)
 
     def record(self, seconds: float) -> None:
         if len(self._samples) < self._window:
@@ -32,14 +32,25 @@ class LatencyTracker:
             self._next = (self._next + 1) % self._window
         self._unsorted += 1
 
-    def p95(self) -> float | None:
+    def _current(self) -> tuple[float, float] | None:
         if len(self._samples) < self._min_samples:
             return None
-        if self._p95 is None or self._unsorted >= max(len(self._samples) // 16, 1):
+        if self._quantiles is None or self._unsorted >= max(len(self._samples) // 16, 1):
             ordered = sorted(self._samples)
-            self._p95 = ordered[min(math.ceil(0.95 * len(ordered)) - 1, len(ordered) - 1)]
+            last = len(ordered) - 1
+            self._quantiles = (ordered[last // 2], ordered[min(math.ceil(0.95 * len(ordered)) - 1, last)])
             self._unsorted = 0
-        return self._p95
+        return self._quantiles
+
+    def p50(self) -> float | None:
+        """The typical latency (what another attempt needs to have a fair chance)."""
+        current = self._current()
+        return None if current is None else current[0]
+
+    def p95(self) -> float | None:
+        """The hedge delay."""
+        current = self._current()
+        return None if current is None else current[1]
 
 
 async def _cancel(tasks: set[asyncio.Task[T]]) -> None:

@@ -45,7 +45,9 @@ class BalancerSettings(MeshSettings):
     max_attempts: int = Field(3, ge=1, description="attempts per request, the first included")
     backoff_base_ms: float = Field(1.0, ge=0)
     backoff_max_ms: float = Field(20.0, ge=0)
-    min_attempt_ms: float = Field(2.0, ge=0, description="no retry when less than this deadline is left")
+    min_attempt_ms: float = Field(
+        2.0, ge=0, description="no retry when less than this (or the model's median latency) is left of the deadline"
+    )
     retry_budget_ratio: float = Field(0.2, ge=0, description="retries (and hedges) per request over the window")
     retry_budget_min_per_s: float = Field(10.0, ge=0, description="retries always allowed, per second")
     retry_budget_window_s: float = Field(10.0, gt=0)
@@ -54,7 +56,7 @@ class BalancerSettings(MeshSettings):
     )
 
     # Hedging ("The Tail at Scale"), opt-in per model.
-    hedge_min_samples: int = Field(20, ge=1, description="latencies seen before the model's p95 is trusted")
+    hedge_min_samples: int = Field(20, ge=1, description="latencies seen before the model's p50/p95 are trusted")
     hedge_default_delay_ms: float = Field(50.0, ge=0, description="hedge delay until then")
     hedge_min_delay_ms: float = Field(1.0, ge=0)
     latency_window: int = Field(512, ge=16, description="recent latencies kept per model for its p95")

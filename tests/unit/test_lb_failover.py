@@ -219,6 +219,31 @@ async def test_deadline_stops_retries_and_every_attempt_gets_the_remaining_deadl
     assert 0.10 < seen[0] <= 0.12 and seen[1] < seen[0] - 0.04
 
 
+async def test_no_retry_when_the_deadline_left_is_below_the_models_typical_latency() -> None:
+    lb = make_balancer(3, backoff_base_ms=0, min_attempt_ms=0, hedge_min_samples=20)
+
+    async def takes_30ms(endpoint: Endpoint, _remaining: float | None) -> str:
+        await asyncio.sleep(0.03)
+        return endpoint.id
+
+    for _ in range(20):
+        await lb.call("digits", "1", takes_30ms, timeout=5)
+    tried: list[str] = []
+
+    async def fails_after_15ms(endpoint: Endpoint, _remaining: float | None) -> str:
+        tried.append(endpoint.id)
+        await asyncio.sleep(0.015)
+        raise rpc_error(grpc.StatusCode.UNAVAILABLE)
+
+    # 15 ms of 35 are spent; the 20 ms left are below the model's ~30 ms median.
+    with pytest.raises(NoEndpointAvailable, match="deadline too short"):
+        await lb.call("digits", "1", fails_after_15ms, timeout=0.035)
+    assert len(tried) == 1
+    # With time to spare, the same failure is retried.
+    with pytest.raises(NoEndpointAvailable, match="3 attempts failed"):
+        await lb.call("digits", "1", fails_after_15ms, timeout=5)
+
+
 async def test_an_attempt_that_ignores_its_deadline_is_cut_off() -> None:
     lb = make_balancer(1, attempt_grace_ms=10)
 
