@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from subprocess import Popen
+
     from gateway.settings import GatewaySettings
 
 
@@ -77,14 +79,14 @@ def gateway(
         telemetry.shutdown()
 
 
-def _spawn_siblings(settings: GatewaySettings) -> list:  # type: ignore[type-arg]
+def _spawn_siblings(settings: GatewaySettings) -> list[Popen[bytes]]:
     """`--processes N`: N-1 more gateway processes on the same port (SO_REUSEPORT), each with its own metrics port."""
     import os
     import subprocess
 
     env = {**os.environ, "MESHSERVE_PROCESSES": str(settings.processes), "MESHSERVE_SIBLING": "1"}
-    args = [a for a in sys.argv[1:]]
-    children = []
+    args = list(sys.argv[1:])
+    children: list[Popen[bytes]] = []
     if os.environ.get("MESHSERVE_SIBLING") == "1":
         return children
     for _ in range(settings.processes - 1):
@@ -109,7 +111,7 @@ def _without_option(args: list[str], name: str) -> list[str]:
     return out
 
 
-def _stop_siblings(children: list) -> None:  # type: ignore[type-arg]
+def _stop_siblings(children: list[Popen[bytes]]) -> None:
     import signal
     import subprocess
 

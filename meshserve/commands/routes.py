@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
 import typer
+
+if TYPE_CHECKING:
+    from gateway.routes import Route
+
+T = TypeVar("T")
 
 DEFAULT_REGISTRY = "consul://127.0.0.1:8500"
 ROUTES_PREFIX = "meshserve/routes/"
@@ -24,7 +32,7 @@ def rollout(
 
     from gateway.routes import rollout as plan_rollout
 
-    async def change() -> dict:
+    async def change() -> dict[str, int]:
         current = await _read_route(registry, model)
         stable = None
         if current is None or not current[0].weights:
@@ -44,7 +52,7 @@ def rollback(
     """Restores MODEL's route from before the last rollout, in one step."""
     from gateway.routes import rollback as plan_rollback
 
-    async def change() -> dict:
+    async def change() -> dict[str, int]:
         current = await _read_route(registry, model)
         route = plan_rollback(current[0] if current else None)
         await _write_route(registry, model, route, current[1] if current else 0)
@@ -54,11 +62,11 @@ def rollback(
     typer.echo(f"{model} rolled back: {_describe(weights)}")
 
 
-def _describe(weights: dict) -> str:
+def _describe(weights: dict[str, int]) -> str:
     return ", ".join(f"version {v} {w}%" for v, w in weights.items())
 
 
-def _run(coroutine):  # type: ignore[no-untyped-def]
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     import asyncio
 
     import aiohttp
@@ -76,7 +84,7 @@ def _run(coroutine):  # type: ignore[no-untyped-def]
         raise typer.Exit(1) from None
 
 
-async def _read_route(registry: str, model: str):  # type: ignore[no-untyped-def]
+async def _read_route(registry: str, model: str) -> tuple[Route, int] | None:
     from gateway.routes import Route
     from registry.discovery import kv_get
 
@@ -86,7 +94,7 @@ async def _read_route(registry: str, model: str):  # type: ignore[no-untyped-def
     return Route.from_json(value), index
 
 
-async def _write_route(registry: str, model: str, route, index: int) -> None:  # type: ignore[no-untyped-def]
+async def _write_route(registry: str, model: str, route: Route, index: int) -> None:
     import json
 
     from registry.discovery import kv_put
