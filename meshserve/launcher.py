@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field
+
 from meshserve.settings import MeshSettings
 
 DEMO_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "meshserve" / "demo-models"
@@ -28,7 +30,7 @@ _DEMO_STAMP = ".complete"
 
 
 class UpSettings(MeshSettings):
-    workers: int = 2
+    workers: int = Field(2, ge=1)
     port: int = 8001
     host: str = "127.0.0.1"
     model_repository: Path | None = None
