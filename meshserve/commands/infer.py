@@ -26,6 +26,7 @@ def infer(
     api_key: str = typer.Option(None, envvar="MESHSERVE_API_KEY", help="Sent as 'authorization: Bearer KEY'"),
     version: str = typer.Option("", help="Model version; empty: what the routes choose"),
     timeout: float = typer.Option(10.0, help="Deadline in seconds"),
+    tls_ca: Path = typer.Option(None, help="CA certificate (PEM) of a gateway serving TLS; plaintext when omitted"),
 ) -> None:
     """Sends one inference request built from the model's metadata and prints the outputs."""
     import grpc
@@ -38,7 +39,12 @@ def infer(
         typer.echo("give exactly one of --random or --input FILE.npy", err=True)
         raise typer.Exit(2)
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-    with grpc.insecure_channel(url) as channel:
+    channel = (
+        grpc.secure_channel(url, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+        if tls_ca is not None
+        else grpc.insecure_channel(url)
+    )
+    with channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             meta = stub.ModelMetadata(

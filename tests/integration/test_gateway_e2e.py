@@ -458,3 +458,21 @@ def test_streaming_through_the_gateway(mesh: Mesh) -> None:
     assert ids == {f"s-{index}" for index in range(20)}
     errors = [error for _, error in answers if error is not None]
     assert len(errors) == 1 and "not served" in str(errors[0])
+
+
+def test_meshserve_infer_command(mesh: Mesh, tmp_path: Path) -> None:
+    random = _meshserve("infer", "digits", "--random", "--url", mesh.address, "--api-key", FULL_KEY)
+    assert random.returncode == 0, random.stderr
+    assert "model digits version" in random.stdout and "top class:" in random.stdout
+    x = np.zeros((2, 784), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(mesh.ca_pem)
+    from_file = _meshserve(
+        "infer", "mlp784", "--input", str(tmp_path / "x.npy"), "--url", mesh.tls_address, "--api-key", FULL_KEY,
+        "--tls-ca", str(ca_file), "--version", "1",
+    )  # fmt: skip
+    assert from_file.returncode == 0, from_file.stderr
+    assert "probabilities FP32 [2, 10]" in from_file.stdout
+    refused = _meshserve("infer", "digits", "--random", "--url", mesh.address, "--api-key", "wrong")
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
