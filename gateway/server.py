@@ -1,7 +1,7 @@
 """The gateway process: public gRPC server, registry watchers, balancer, auth.
 
-Composition only; each behaviour lives in its own module (forwarding, servicer,
-auth, ratelimit, routes, upstream).
+Composition only; each behaviour lives in its own module (forwarding, streaming,
+servicer, auth, ratelimit, routes, upstream).
 """
 
 from __future__ import annotations
