@@ -273,6 +273,7 @@ class Balancer:
         request.attempts += 1
         number = request.attempts
         first = self._pick_or_raise(request)
+        request.tried.add(first.id)  # before the hedge picks, whenever the first attempt starts running
 
         def start_hedge() -> Awaitable[T] | None:
             second = self._pick(request)
