@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,3 +479,40 @@ def test_meshserve_infer_command(mesh: Mesh, tmp_path: Path) -> None:
     assert "probabilities FP32 [2, 10]" in from_file.stdout
     refused = _meshserve("infer", "digits", "--random", "--url", mesh.address, "--api-key", "wrong")
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def _worker_request_counts(mesh: Mesh, model: str) -> list[float]:
+    counts = []
+    for proc in mesh.group.processes:
+        if not proc.name.startswith("worker"):
+            continue
+        port = re.search(r"metrics on http://[\d.]+:(\d+)/metrics", proc.output()).group(1)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name.startswith("meshserve_requests_total{") and f'model="{model}"' in name and 'code="OK"' in name:
+                total += float(value)
+        counts.append(total)
+    return counts
+
+
+def test_route_policy_consistent_hash_keeps_a_user_on_one_worker(mesh: Mesh) -> None:
+    registry_http = mesh.registry_url.replace("consul://", "http://")
+    key_url = f"{registry_http}/v1/kv/meshserve/routes/mlp784"
+    route = {"weights": {"1": 100}, "policy": "consistent_hash", "hash_header": "x-user"}
+    urllib.request.urlopen(urllib.request.Request(key_url, data=json.dumps(route).encode(), method="PUT"), timeout=5)
+    client = triton.InferenceServerClient(mesh.address)
+    tensor = triton.InferInput("input", [1, 784], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 784), dtype=np.float32))
+    try:
+        time.sleep(1.0)  # applied within a second
+        for user in ("alice", "bob", "carol"):
+            before = _worker_request_counts(mesh, "mlp784")
+            for _ in range(30):
+                client.infer("mlp784", [tensor], headers={**_bearer(FULL_KEY), "x-user": user})
+            after = _worker_request_counts(mesh, "mlp784")
+            deltas = sorted(b - a for a, b in zip(before, after, strict=True))
+            assert deltas == [0.0, 30.0], (user, deltas)
+    finally:
+        urllib.request.urlopen(urllib.request.Request(key_url, method="DELETE"), timeout=5)
