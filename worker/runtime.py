@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from worker.config import ModelConfig
 from worker.tensors import ONNX_TO_KSERVE, TensorSpec
 
 log = logging.getLogger(__name__)
+
+# With `intra_op_threads: 0` (auto), a model whose one-sample run takes at least this long gets
+# every core; a quicker one gets one thread.
+AUTO_THREADS_THRESHOLD_S = 1e-3
+AUTO_THREADS_PROBE_RUNS = 5
 
 
 class ModelLoadError(Exception):
@@ -83,17 +89,11 @@ class OnnxModel:
         self.version = version
         self.path = path
         self.config = config
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = config.intra_op_threads or usable_cores()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning intra-op threads burn the cores the event loop (and, on small hosts, the
-        # clients) need between runs; sleeping costs microseconds per run.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = choose_providers(config.execution_providers, available_providers)
+        self._providers = choose_providers(config.execution_providers, available_providers)
+        # 0 (auto) starts with one thread; warm_up() adds the rest when a run is long enough to gain.
+        self.intra_op_threads = config.intra_op_threads or 1
         try:
-            # ONNX Runtime falls back to the next provider itself when one (CUDA) cannot start.
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self.session = self._open_session(self.intra_op_threads)
             self.inputs = [_spec(arg) for arg in self.session.get_inputs()]
             self.outputs = [_spec(arg) for arg in self.session.get_outputs()]
         except ModelLoadError as exc:
@@ -101,13 +101,24 @@ class OnnxModel:
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
         self.provider = self.session.get_providers()[0]
-        if self.provider != providers[0]:
-            log.warning("model %s version %d asked for %s, got %s", name, version, providers[0], self.provider)
+        if self.provider != self._providers[0]:
+            log.warning("model %s version %d asked for %s, got %s", name, version, self._providers[0], self.provider)
         self.output_names = [spec.name for spec in self.outputs]
         self.batchable = (
             config.max_batch_size > 0 and bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs)
         )
         self.max_batch_size = config.max_batch_size if self.batchable else 0
+
+    def _open_session(self, threads: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning intra-op threads burn the cores the event loop (and, on small hosts, the
+        # clients) need between runs; sleeping costs microseconds per run.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ONNX Runtime falls back to the next provider itself when one (CUDA) cannot start.
+        return ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
 
     @property
     def device(self) -> str:
@@ -117,7 +128,8 @@ class OnnxModel:
         return self.session.run(self.output_names, feeds)
 
     def warm_up(self) -> None:
-        """One run at load, so the first user request does not pay for lazy initialisation."""
+        """Runs at load, so the first user request does not pay for lazy initialisation; with
+        automatic intra-op threads, also decides how many threads the model gets."""
         feeds = {}
         for spec in self.inputs:
             shape = tuple(1 if d == -1 else d for d in spec.shape)
@@ -127,5 +139,32 @@ class OnnxModel:
                 feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
         try:
             self.run(feeds)
+            if not self.config.intra_op_threads and self.device == "cpu" and usable_cores() > 1:
+                self._choose_threads(feeds)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"{self.path}: warm-up run failed: {exc}") from None
+
+    def _choose_threads(self, feeds: dict[str, np.ndarray]) -> None:
+        """One thread for a model whose single-sample run is short: waking a second thread costs
+        more than it saves and takes CPU from the event loop (measured on mlp784: 3x fewer
+        requests/s with two threads on two cores). Every core for a compute-bound model."""
+        timings = []
+        for _ in range(AUTO_THREADS_PROBE_RUNS):
+            started = time.perf_counter()
+            self.run(feeds)
+            timings.append(time.perf_counter() - started)
+        single_run = sorted(timings)[len(timings) // 2]
+        if single_run >= AUTO_THREADS_THRESHOLD_S:
+            self.intra_op_threads = usable_cores()
+            self.session = self._open_session(self.intra_op_threads)
+            self.run(feeds)
+        log.info(
+            "model %s version %d: %d intra-op thread(s) (one-sample run %.2f ms)",
+            self.name,
+            self.version,
+            self.intra_op_threads,
+            single_run * 1000,
+            extra={"model": f"{self.name}:{self.version}"},
+        )

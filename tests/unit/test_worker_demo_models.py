@@ -64,3 +64,25 @@ def test_worker_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_
     assert settings.inject_latency_ms == 5
     assert settings.drain_grace == 2.0
     assert settings.port == 0 and settings.metrics_port == 0
+
+
+def test_automatic_intra_op_threads_follow_the_models_cost(demo_repository: Path) -> None:
+    """A sub-millisecond model keeps one ORT thread; the compute-bound CNN gets every usable core."""
+    from worker.config import ModelConfig
+    from worker.runtime import OnnxModel, usable_cores
+
+    threads = {}
+    for name in ("mlp784", "cnn"):
+        model = OnnxModel(name, 1, demo_repository / name / "1" / "model.onnx", ModelConfig(), ["CPUExecutionProvider"])
+        model.warm_up()
+        threads[name] = model.intra_op_threads
+    assert threads == {"mlp784": 1, "cnn": usable_cores()}
+    pinned = OnnxModel(
+        "cnn",
+        1,
+        demo_repository / "cnn" / "1" / "model.onnx",
+        ModelConfig(intra_op_threads=3),
+        ["CPUExecutionProvider"],
+    )
+    pinned.warm_up()
+    assert pinned.intra_op_threads == 3  # an explicit setting is never second-guessed
