@@ -66,16 +66,18 @@ class ManagedProcess:
         self.args = [sys.executable, "-m", "meshserve", *args]
         self.log_path = log_dir / f"{name}.log"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self._log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
-            self.args,
-            cwd=REPO_ROOT,
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        # The child writes to its own copy of the descriptor; ours is closed at
+        # once so that reading the log never races a buffered writer here.
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.args,
+                cwd=REPO_ROOT,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -85,7 +87,6 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def output(self) -> str:
-        self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_for_output(self, needle: str, timeout: float = 30.0) -> None:
@@ -125,7 +126,6 @@ class ManagedProcess:
         # Children of the process's session (if any) must not outlive it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        self._log.close()
         return self.popen.returncode
 
 
