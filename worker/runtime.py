@@ -148,8 +148,8 @@ class OnnxModel:
 
     def _choose_threads(self, feeds: dict[str, np.ndarray]) -> None:
         """One thread for a model whose single-sample run is short: waking a second thread costs
-        more than it saves and takes CPU from the event loop (measured on mlp784: 3x fewer
-        requests/s with two threads on two cores). Every core for a compute-bound model."""
+        more than it saves and takes CPU from the event loop (measured on a 2-core host: an mlp784
+        batch of 16 ran in 141 us on one thread, 245 us on two). Every core for a compute-bound model."""
         timings = []
         for _ in range(AUTO_THREADS_PROBE_RUNS):
             started = time.perf_counter()
