@@ -112,6 +112,7 @@ class Batcher:
             )
         self._queue.append(job)
         self._arrived.set()
+        self.metrics.queue_depth.set(len(self._queue))
         return job.future
 
     async def _serve(self) -> None:
