@@ -74,13 +74,26 @@ def example_model(repository: Path) -> str:
     return "digits" if "digits" in names or not names else names[0]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        import ctypes
+def parent_death_signal() -> Callable[[], None] | None:
+    """A preexec function that makes a child get SIGTERM when the launcher dies (Linux), or None.
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    libc is loaded here, in the parent: between fork and exec the child only
+    makes the one prctl call (no imports, no locks).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def set_signal() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return set_signal
 
 
 def render(name: str, line: str) -> str:
@@ -116,7 +129,8 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-            preexec_fn=_die_with_parent,
+            start_new_session=True,
+            preexec_fn=parent_death_signal(),
         )
         emit(f"{'up':>9} | started {self.name} (pid {self.process.pid})")
 
