@@ -5,7 +5,8 @@ decays towards faster ones with time constant `decay_s`; it also decays while
 no answer arrives, so an endpoint that was slow once is probed again later.
 Outstanding work is this balancer's own in-flight attempts, plus, while the
 worker's latest load report is fresh, the part of that report that is not
-ours (queue depth + in flight counts other gateways' requests too).
+ours (the worker's in-flight count, which includes its queue, counts other
+gateways' requests too).
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ class EndpointLoad:
         """A worker's load report, read while the attempt that carried it is still pending.
 
         The worker counts our other pending attempts but not the one it just
-        answered; what is left is other clients' work.
+        answered; what is left is other clients' work. Its in-flight count
+        already includes the queued requests, so the two are not added.
         """
         ours = max(self.pending - 1, 0)
-        self._reported = max(max(queue_depth, 0) + max(in_flight, 0) - ours, 0)
+        self._reported = max(max(queue_depth, in_flight, 0) - ours, 0)
         self._reported_at = self._clock()
 
     def outstanding(self) -> int:

@@ -107,10 +107,13 @@ def test_a_workers_load_report_counts_while_fresh() -> None:
     clock = FakeClock()
     load = EndpointLoad(0.01, 10.0, report_ttl_s=1.0, clock=clock)
     load.pending = 3  # the attempt carrying the report, and two more of ours
-    load.report(queue_depth=6, in_flight=2)  # two of those eight are ours
+    # in_flight counts the worker's queue too: eight accepted, six of them queued, two of the eight ours
+    load.report(queue_depth=6, in_flight=8)
     load.pending = 0
     assert load.outstanding() == 6
     assert load.cost() == pytest.approx(0.01 * 7)
+    load.report(queue_depth=6, in_flight=8)
+    assert load.outstanding() == 8  # with nothing of ours pending, all eight are others' work
     clock.now += 2
     assert load.outstanding() == 0
 
