@@ -200,6 +200,8 @@ def render_markdown(run: dict[str, Any]) -> str:
         f"({settings['gateway_processes']} process(es), API-key auth); 'worker' is that mesh's worker called directly; "
         f"Triton: nvidia-pytriton, ONNX Runtime in the bound callable, dynamic batcher (config.yaml's batching, "
         f"else max queue delay {settings['triton_default_delay_us']} us)",
+        "- ONNX Runtime intra-op threads per model, as the worker chose them and given to Triton and bare ORT: "
+        + (", ".join(f"{m} {n}" for m, n in settings.get("intra_op_threads", {}).items()) or "nproc"),
         f"- tracing: 100% sampled, OTLP/gRPC to a local receiver process ({run.get('otlp_receiver', '')})",
         *(f"- note: {note}" for note in run.get("notes", [])),
         "",

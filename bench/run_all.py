@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import secrets
 import shlex
 import subprocess
@@ -44,6 +45,8 @@ from bench.triton_server import READY_LINE as TRITON_READY
 from bench.tritonclient_load import TritonClientLoad, check_outputs_agree
 from meshserve.loadgen import LevelResult
 
+# The worker logs its automatic intra-op thread choice per model version at load.
+WORKER_THREADS_LINE = re.compile(r"model (\S+) version \d+: (\d+) intra-op thread")
 DEFAULT_TRITON_PYTHON = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "python"
 
 
@@ -159,6 +162,7 @@ class Bench:
         self.notes: list[str] = []
         self.spans_exported: int | None = None
         self.triton_version = ""
+        self.threads: dict[str, int] = {}
 
     # ----- start-up -----
 
@@ -195,7 +199,7 @@ class Bench:
                         "--metrics-port",
                         "0",
                         "--log-level",
-                        "warning",
+                        "info",
                         env=env,
                     ),
                 )
@@ -227,11 +231,28 @@ class Bench:
         mesh = Peer(name, f"127.0.0.1:{gateway_port}", self.models, processes, api_key=self.api_key)
         return direct, mesh
 
+    def worker_threads(self, worker: Child, timeout_s: float = 120.0) -> dict[str, int]:
+        """Each model's intra-op thread count, from the worker's load log line (its policy may change)."""
+        found: dict[str, int] = {}
+
+        def all_found() -> bool:
+            worker.check_alive()
+            found.update({m: int(n) for m, n in WORKER_THREADS_LINE.findall(worker.output())})
+            return all(model in found for model in self.models)
+
+        try:
+            wait_until(all_found, timeout_s, "the worker's intra-op thread choice per model")
+        except TimeoutError:
+            fallback = os.cpu_count() or 1
+            self.notes.append(f"worker thread choice not logged; Triton and bare ORT use {fallback} thread(s)")
+            return {model: found.get(model, fallback) for model in self.models}
+        return {model: found[model] for model in self.models}
+
     def start_triton(self) -> Peer:
         grpc_port = free_port()
         argv = [str(self.args.triton_python), "-m", "bench.triton_server", "--model-repository", str(self.repository)]
         for model in self.models:
-            argv += ["--model", model]
+            argv += ["--model", model, "--threads", f"{model}={self.threads.get(model, os.cpu_count() or 1)}"]
         argv += [
             "--grpc-port",
             str(grpc_port),
@@ -364,14 +385,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(args, repository, children)
         receiver: Child | None = None
         try:
+            direct, mesh = bench.start_mesh(MESH, env=None)
+            bench.peers += [direct, mesh]
+            # Triton and bare ORT get the intra-op threads the worker chose per model.
+            bench.threads = bench.worker_threads(direct.processes["worker"])
             triton = None
             if not args.no_triton:
                 try:
                     triton = bench.start_triton()
                 except OSError as exc:
                     bench.notes.append(f"Triton could not be started ({args.triton_python}): {exc}")
-            direct, mesh = bench.start_mesh(MESH, env=None)
-            bench.peers += [direct, mesh]
             if not args.no_tracing:
                 receiver_port = free_port()
                 receiver = children.start(
@@ -408,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch_sizes = [int(b) for b in args.ort_batches.split(",") if b]
     ort_results = {}
     for model in bench.models:
-        ort_results[model] = bare_ort.measure(repository / model, batch_sizes, args.ort_seconds)
+        threads = bench.threads.get(model)
+        ort_results[model] = bare_ort.measure(repository / model, batch_sizes, args.ort_seconds, threads)
         best = bare_ort.best(ort_results[model])
         print(f"bare ORT {model}: best batch {best.batch_size}: {best.samples_per_s:.1f} samples/s", flush=True)
 
@@ -427,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mesh_workers": args.mesh_workers,
             "gateway_processes": args.gateway_processes,
             "triton_default_delay_us": args.triton_default_delay_us,
+            "intra_op_threads": bench.threads,
         },
         "otlp_receiver": receiver_totals,
         "notes": bench.notes,

@@ -108,6 +108,8 @@ def bind_model(triton: Any, name: str, model_dir: Path, threads: int, batching: 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # As the worker runs its sessions: spinning threads would take the cores Triton's own threads need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(
         str(newest_version_file(model_dir)), sess_options=options, providers=["CPUExecutionProvider"]
     )
@@ -136,7 +138,11 @@ def bind_model(triton: Any, name: str, model_dir: Path, threads: int, batching: 
         strict=False,
     )
     logging.info(
-        "bound %s (max batch %d, max queue delay %d us)", name, batching.max_batch_size, batching.max_queue_delay_us
+        "bound %s (max batch %d, max queue delay %d us, %d intra-op threads)",
+        name,
+        batching.max_batch_size,
+        batching.max_queue_delay_us,
+        threads,
     )
 
 
@@ -147,12 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
-    parser.add_argument("--intra-op-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=os.cpu_count() or 1, help="for models without --threads"
+    )
+    parser.add_argument("--threads", action="append", default=[], help="MODEL=N intra-op threads for one model")
     parser.add_argument("--max-batch-size", type=int, default=32, help="when config.yaml does not say")
     parser.add_argument("--max-queue-delay-us", type=int, default=500, help="when config.yaml does not say")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s triton-bench %(message)s")
 
+    threads = {name: int(n) for name, _, n in (item.partition("=") for item in args.threads)}
     libpython_first(os.environ)
     from pytriton.triton import Triton, TritonConfig
 
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.model:
             model_dir = args.model_repository / name
             batching = read_batching_config(model_dir, args.max_batch_size, args.max_queue_delay_us)
-            bind_model(triton, name, model_dir, args.intra_op_threads, batching)
+            bind_model(triton, name, model_dir, threads.get(name, args.intra_op_threads), batching)
         triton.connect()
         print(READY_LINE, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
