@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # From ~50 us (a cached error) to 10 s (a slow model under load).
 DURATION_BUCKETS = (
@@ -40,11 +40,6 @@ class GatewayMetrics:
         )
         self.rate_limited = Counter(
             "meshserve_rate_limited_total", "Requests refused by a tenant's rate limit.", ["tenant"], registry=registry
-        )
-        self.registry_stale = Gauge(
-            "meshserve_registry_stale",
-            "1 while the registry is unreachable and the last known workers are used.",
-            registry=registry,
         )
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 

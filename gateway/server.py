@@ -31,6 +31,7 @@ from loadbalancer.settings import BalancerSettings
 from protos import grpc_service_pb2 as pb
 from protos._pool import POOL
 from registry.discovery import KVWatcher, ServiceWatcher
+from registry.metrics import RegistryMetrics
 from registry.model import ServiceInstance
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class Gateway:
         self.settings = settings
         registry = metrics_registry or CollectorRegistry()
         self.metrics = GatewayMetrics(registry)
+        # The registry client's own metrics (meshserve_registry_stale{watch}, errors, updates).
+        self.registry_metrics = RegistryMetrics(registry)
         self.auth = Authenticator(None)
         self._auth_watcher: AuthFileWatcher | None = None
         self.limiter = RateLimiter()
@@ -172,9 +175,8 @@ class Gateway:
         await self._set_health(False)
         await self._server.start()
         loop = asyncio.get_running_loop()
-        self._workers = ServiceWatcher(self.settings.registry)
-        self._kv = KVWatcher(self.settings.registry, self.settings.routes_prefix)
-        self.metrics.registry_stale.set_function(lambda: float(self._workers is not None and self._workers.stale))
+        self._workers = ServiceWatcher(self.settings.registry, metrics=self.registry_metrics)
+        self._kv = KVWatcher(self.settings.registry, self.settings.routes_prefix, metrics=self.registry_metrics)
         self._tasks = [
             loop.create_task(self._watch_workers(self._workers), name="watch-workers"),
             loop.create_task(self._watch_routes(self._kv), name="watch-routes"),
