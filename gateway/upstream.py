@@ -1,18 +1,26 @@
-"""The gateway's connection to one worker: a channel and a few multiplexed streams.
+"""The gateway's connection to one worker: a channel and a few multiplexed, coalescing streams.
 
 A unary call costs several times the CPU of one message on an open stream
 (DESIGN.md, performance notes), so requests to a worker travel over a small
-pool of long-lived `ModelStreamInfer` streams. Each request gets a hop id
-(appended to its bytes); the worker echoes it, and a reader task per stream
-hands each response to the request waiting for that id. A stream that breaks
-fails all of its in-flight requests with a retryable UNAVAILABLE, so the
-balancer fails them over to another worker; the next request opens a new one.
+pool of long-lived `meshserve.v1.WorkerHop/InferStream` streams. Each request
+gets a hop id (appended to its bytes); the worker echoes it, and a reader task
+per stream hands each response to the request waiting for that id.
+
+Per stream, the first request goes out at once in its own message; the requests
+that arrive while that write is in flight go out together, in one `InferBatch`,
+as soon as it completes (no added wait at low load, one message per write under
+load). The worker coalesces its responses the same way.
+
+A stream that breaks fails all of its in-flight requests with a retryable
+UNAVAILABLE, so the balancer fails them over to another worker; the next
+request opens a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 from dataclasses import dataclass
@@ -25,6 +33,7 @@ from loadbalancer.errors import AttemptFailed
 log = logging.getLogger(__name__)
 
 SERVICE = "/inference.GRPCInferenceService/"
+HOP_METHOD = "/meshserve.v1.WorkerHop/InferStream"
 # Pings more often than the server's min_recv_ping_interval (5 min by
 # default) count as abuse and end in GOAWAY; a killed worker is noticed at
 # once through its closed socket anyway.
@@ -33,6 +42,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.enable_retries", 0),
 ]
+_WRITE_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError)
 
 
 @dataclass(frozen=True)
@@ -43,26 +53,59 @@ class UpstreamOptions:
 
 
 class _Stream:
-    """One `ModelStreamInfer` call and the requests waiting on it."""
+    """One `InferStream` call, the requests waiting on it and those queued for its next write."""
 
     def __init__(self, upstream: Upstream) -> None:
         self._upstream = upstream
         self.call = upstream._stream_method()
         self.pending: dict[bytes, asyncio.Future[wire.ResponseHead]] = {}
         self.broken = False
-        # gRPC allows one outstanding send per call. A lock lets an uncontended
-        # request write inline (measured: cheaper than handing messages to a
-        # writer task, which costs a task switch per request).
-        self._write_lock = asyncio.Lock()
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"upstream-read {upstream.target}")
+        # gRPC allows one outstanding write per call. The request that finds no
+        # write in flight writes inline (no task switch at low load); requests
+        # that arrive meanwhile queue their envelope parts, and one flush task
+        # per busy period sends each accumulated queue as one message.
+        self._writing = False
+        self._queued: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        # A fresh context: the reader outlives the request that opened the stream and must not carry its span.
+        self._reader = loop.create_task(
+            self._read(), name=f"upstream-read {upstream.target}", context=contextvars.Context()
+        )
 
-    async def send(self, message: bytes) -> None:
+    async def send(self, request: bytes, tail: bytes) -> None:
+        """Sends `request + tail` as one InferBatch entry, now or with the next write.
+
+        Never raises for a broken stream: breaking fails the request's future.
+        """
+        header = wire.batch_entry_header(len(request) + len(tail))
+        if self._writing:
+            self._queued += (header, request, tail)
+            return
+        self._writing = True
         try:
-            async with self._write_lock:
-                await self.call.write(message)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            await self.call.write(b"".join((header, request, tail)))
+        except _WRITE_ERRORS as exc:
             self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
-            raise AttemptFailed(grpc.StatusCode.UNAVAILABLE, f"worker {self._upstream.target} unreachable") from exc
+        finally:
+            if self._queued and not self.broken:
+                self._flusher = asyncio.get_running_loop().create_task(
+                    self._flush(), name=f"upstream-flush {self._upstream.target}", context=contextvars.Context()
+                )
+            else:
+                self._writing = False
+
+    async def _flush(self) -> None:
+        try:
+            while self._queued and not self.broken:
+                message = b"".join(self._queued)
+                self._queued.clear()
+                await self.call.write(message)
+        except _WRITE_ERRORS as exc:
+            self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
+        finally:
+            self._writing = False
+            self._flusher = None
 
     async def _read(self) -> None:
         reason = "stream ended"
@@ -71,10 +114,12 @@ class _Stream:
                 message = await self.call.read()
                 if message is grpc.aio.EOF:
                     break
-                head = wire.scan_response(message)
-                future = self.pending.pop(head.id, None)
-                if future is not None and not future.done():
-                    future.set_result(head)
+                pending = self.pending
+                for start, end in wire.batch_entries(message):
+                    head = wire.scan_response(message, start, end)
+                    future = pending.pop(head.id, None)
+                    if future is not None and not future.done():
+                        future.set_result(head)
         except grpc.aio.AioRpcError as exc:
             reason = _describe(exc)
         except wire.WireError as exc:
@@ -90,6 +135,7 @@ class _Stream:
         if self.broken:
             return
         self.broken = True
+        self._queued.clear()
         self._upstream._forget(self)
         pending, self.pending = self.pending, {}
         if pending:
@@ -101,8 +147,10 @@ class _Stream:
     async def close(self) -> None:
         self.call.cancel()
         self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._reader
+        tasks = [self._reader] if self._flusher is None else [self._reader, self._flusher]
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class Upstream:
@@ -121,7 +169,7 @@ class Upstream:
         else:
             self.channel = grpc.aio.insecure_channel(target, options=channel_options)
         # No (de)serializers: bytes in, bytes out.
-        self._stream_method = self.channel.stream_stream(SERVICE + "ModelStreamInfer")
+        self._stream_method = self.channel.stream_stream(HOP_METHOD)
         self._unary = {
             name: self.channel.unary_unary(SERVICE + name) for name in ("ModelMetadata", "ModelReady", "ModelInfer")
         }
@@ -155,13 +203,12 @@ class Upstream:
         """
         stream = self._pick()
         hop_id = b"%x" % next(self._ids)
-        future: asyncio.Future[wire.ResponseHead] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[wire.ResponseHead] = loop.create_future()
         stream.pending[hop_id] = future
-        timer = None
+        timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
         try:
-            await stream.send(request + wire.encode_id(hop_id) + extra)
-            if timeout_s is not None:
-                timer = asyncio.get_running_loop().call_later(timeout_s, _expire, future)
+            await stream.send(request, wire.encode_id(hop_id) + extra)
             return await future
         finally:
             if timer is not None:

@@ -8,6 +8,10 @@ their length prefix.
 
 Protobuf's parser merges concatenated messages (last scalar wins, map entries
 are added), so `id` and extra `parameters` are set by appending bytes.
+
+The batched hop (`meshserve.v1.WorkerHop`) wraps several such messages in one
+`InferBatch` / `InferBatchResponse`: a `repeated bytes` field 1, so the
+envelope is a tag and a length in front of each message, written here by hand.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ _PARAMETERS = 4
 # ModelStreamInferResponse.
 _ERROR_MESSAGE = 1
 _INFER_RESPONSE = 2
+# InferBatch.requests / InferBatchResponse.responses.
+_BATCH_ENTRY = 1
+_BATCH_ENTRY_TAG = bytes((_BATCH_ENTRY << 3 | 2,))
 # InferParameter's oneof.
 _BOOL_PARAM = 1
 _INT64_PARAM = 2
@@ -252,11 +259,12 @@ class ResponseHead(NamedTuple):
     parameters: dict[str, ParamValue | None]
 
 
-def scan_response(data: bytes) -> ResponseHead:
-    """Splits a serialized `ModelStreamInferResponse` into error, response bytes, id and parameters."""
+def scan_response(data: bytes, begin: int = 0, stop: int | None = None) -> ResponseHead:
+    """Splits a serialized `ModelStreamInferResponse` (`data[begin:stop]`) into error, response bytes, id
+    and parameters."""
     error = b""
     response = b""
-    for field, wire_type, start, end in _fields(data):
+    for field, wire_type, start, end in _fields(data, begin, stop):
         if wire_type != _WIRE_LEN:
             continue
         if field == _ERROR_MESSAGE:
@@ -290,3 +298,19 @@ def encode_stream_response(response: bytes) -> bytes:
 def encode_stream_error(message: str, request_id: bytes) -> bytes:
     """A `ModelStreamInferResponse` that reports a failed request (its id kept for the client)."""
     return _len_field(_ERROR_MESSAGE, message.encode()) + _len_field(_INFER_RESPONSE, encode_id(request_id))
+
+
+def batch_entry_header(length: int) -> bytes:
+    """What precedes one `length`-byte message in an `InferBatch` (or `InferBatchResponse`)."""
+    return _BATCH_ENTRY_TAG + _encode_varint(length)
+
+
+def batch_entries(data: bytes) -> list[tuple[int, int]]:
+    """The (start, end) spans of the messages in a serialized `InferBatchResponse` (or `InferBatch`)."""
+    spans = []
+    for field, wire_type, start, end in _fields(data):
+        if field == _BATCH_ENTRY:
+            if wire_type != _WIRE_LEN:
+                raise WireError(f"batch entry has wire type {wire_type}")
+            spans.append((start, end))
+    return spans

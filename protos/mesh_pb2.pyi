@@ -99,3 +99,15 @@ class DrainWorkerResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     in_flight: int
     def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
+
+class InferBatch(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, requests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class InferBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, responses: _Optional[_Iterable[bytes]] = ...) -> None: ...

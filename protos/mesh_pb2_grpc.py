@@ -271,3 +271,93 @@ class MeshAdmin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerHopStub:
+    """The gateway -> worker hop (internal). Requests that queue up for one worker
+    while a send is in flight travel together in one stream message; responses
+    that complete together come back together. Each entry is a serialized
+    inference.ModelInferRequest / ModelStreamInferResponse exactly as on
+    ModelStreamInfer (hop id and per-request parameters included), kept as bytes
+    so the gateway never decodes or re-encodes tensors.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.InferStream = channel.stream_stream(
+                '/meshserve.v1.WorkerHop/InferStream',
+                request_serializer=protos_dot_mesh__pb2.InferBatch.SerializeToString,
+                response_deserializer=protos_dot_mesh__pb2.InferBatchResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerHopServicer:
+    """The gateway -> worker hop (internal). Requests that queue up for one worker
+    while a send is in flight travel together in one stream message; responses
+    that complete together come back together. Each entry is a serialized
+    inference.ModelInferRequest / ModelStreamInferResponse exactly as on
+    ModelStreamInfer (hop id and per-request parameters included), kept as bytes
+    so the gateway never decodes or re-encodes tensors.
+    """
+
+    def InferStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerHopServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=protos_dot_mesh__pb2.InferBatch.FromString,
+                    response_serializer=protos_dot_mesh__pb2.InferBatchResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshserve.v1.WorkerHop', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshserve.v1.WorkerHop', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerHop:
+    """The gateway -> worker hop (internal). Requests that queue up for one worker
+    while a send is in flight travel together in one stream message; responses
+    that complete together come back together. Each entry is a serialized
+    inference.ModelInferRequest / ModelStreamInferResponse exactly as on
+    ModelStreamInfer (hop id and per-request parameters included), kept as bytes
+    so the gateway never decodes or re-encodes tensors.
+    """
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshserve.v1.WorkerHop/InferStream',
+            protos_dot_mesh__pb2.InferBatch.SerializeToString,
+            protos_dot_mesh__pb2.InferBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -81,6 +81,7 @@ class WorkerServer:
             ]
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        mesh_pb2_grpc.add_WorkerHopServicer_to_server(self.servicer, server)  # the gateway's batched hop
         mesh_pb2_grpc.add_MeshAdminServicer_to_server(WorkerAdminServicer(self.begin_drain), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

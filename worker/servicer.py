@@ -1,16 +1,20 @@
-"""The KServe v2 `GRPCInferenceService` on a worker: converts RPCs and delegates to the engine."""
+"""The KServe v2 `GRPCInferenceService` and the gateway's batched hop (`meshserve.v1.WorkerHop`) on a
+worker: converts RPCs and delegates to the engine."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import propagate
 
 from meshserve import __version__
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import mesh_pb2, mesh_pb2_grpc
 from worker.engine import InferenceEngine
 from worker.errors import InferenceError
 
@@ -21,16 +25,16 @@ _END = object()  # the client closed its side of the stream
 _DRAIN = object()  # the worker stopped accepting: end the stream once its requests are answered
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, mesh_pb2_grpc.WorkerHopServicer):
     def __init__(self, engine: InferenceEngine) -> None:
         self.engine = engine
         self.repository = engine.repository
-        self._streams: set[asyncio.Queue[object]] = set()
+        self._streams: set[Callable[[], None]] = set()  # each open stream's "finish and end" callback
 
     def stop_streams(self) -> None:
-        """Asks every open ModelStreamInfer to finish its outstanding requests and end."""
-        for queue in self._streams:
-            queue.put_nowait(_DRAIN)
+        """Asks every open ModelStreamInfer / InferStream to finish its outstanding requests and end."""
+        for stop in list(self._streams):
+            stop()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -100,7 +104,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 replies.put_nowait(_END)
 
-        self._streams.add(replies)
+        stop = functools.partial(replies.put_nowait, _DRAIN)
+        self._streams.add(stop)
         reader = asyncio.create_task(read())
         closing = self.engine.draining
         try:
@@ -112,7 +117,67 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outstanding -= 1
                 yield item
         finally:
-            self._streams.discard(replies)
+            self._streams.discard(stop)
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def InferStream(
+        self, request_iterator: AsyncIterator[mesh_pb2.InferBatch], context: Context
+    ) -> AsyncIterator[mesh_pb2.InferBatchResponse]:
+        # ModelStreamInfer's semantics, several requests per message each way: every
+        # request goes straight to the engine (and its dynamic batcher); the first
+        # answer goes out at once, the answers that complete while that write is in
+        # flight (a batch finishes many at once) go out together when it completes.
+        ready: list[bytes] = []
+        wake = asyncio.Event()
+        outstanding = 0
+        closing = self.engine.draining
+        tasks: set[asyncio.Task[None]] = set()
+
+        def finish() -> None:
+            nonlocal closing
+            closing = True
+            wake.set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            reply = await self.engine.infer_streamed(request)
+            ready.append(reply.SerializeToString())
+            wake.set()
+
+        async def read() -> None:
+            nonlocal outstanding
+            try:
+                async for batch in request_iterator:
+                    for raw in batch.requests:
+                        outstanding += 1
+                        try:
+                            request = pb.ModelInferRequest.FromString(raw)
+                        except DecodeError as exc:
+                            ready.append(_malformed(raw, exc))
+                            wake.set()
+                            continue
+                        task = asyncio.create_task(answer(request))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+            finally:
+                finish()
+
+        self._streams.add(finish)
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                if ready:
+                    batch, ready = ready, []
+                    outstanding -= len(batch)
+                    yield mesh_pb2.InferBatchResponse(responses=batch)
+                elif closing and outstanding == 0:
+                    return
+                else:
+                    wake.clear()
+                    await wake.wait()
+        finally:
+            self._streams.discard(finish)
             reader.cancel()
             for task in tasks:
                 task.cancel()
@@ -122,3 +187,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ("meshserve-queue-depth", str(self.engine.queue_depth(model_name))),
             ("meshserve-in-flight", str(self.engine.in_flight)),
         )
+
+
+def _malformed(raw: bytes, exc: DecodeError) -> bytes:
+    """The answer to a hop entry that does not parse: INVALID_ARGUMENT, under the request's id if one can be read."""
+    reply = pb.ModelStreamInferResponse(error_message=f"malformed ModelInferRequest: {exc}")
+    reply.infer_response.id = _last_id(raw)
+    reply.infer_response.parameters["meshserve.status_code"].int64_param = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    return reply.SerializeToString()
+
+
+def _last_id(raw: bytes) -> str:
+    """The last top-level `id` (field 3) of a ModelInferRequest whose nested messages may be broken; "" if none."""
+    found = ""
+    pos = 0
+    try:
+        while pos < len(raw):
+            key, pos = _varint(raw, pos)
+            wire_type = key & 7
+            if wire_type == 0:
+                pos = _varint(raw, pos)[1]
+            elif wire_type == 2:
+                length, pos = _varint(raw, pos)
+                if key >> 3 == 3 and pos + length <= len(raw):
+                    found = raw[pos : pos + length].decode(errors="replace")
+                pos += length
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            else:
+                break
+    except IndexError:
+        pass
+    return found
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        result |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return result, pos
+        shift += 7
