@@ -64,7 +64,7 @@ class _Stream:
         # write in flight writes inline (no task switch at low load); requests
         # that arrive meanwhile queue their envelope parts, and one flush task
         # per busy period sends each accumulated queue as one message.
-        self._writing = False
+        self.writing = False
         self._queued: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
@@ -79,10 +79,10 @@ class _Stream:
         Never raises for a broken stream: breaking fails the request's future.
         """
         header = wire.batch_entry_header(len(request) + len(tail))
-        if self._writing:
+        if self.writing:
             self._queued += (header, request, tail)
             return
-        self._writing = True
+        self.writing = True
         try:
             await self.call.write(b"".join((header, request, tail)))
         except _WRITE_ERRORS as exc:
@@ -93,7 +93,7 @@ class _Stream:
                     self._flush(), name=f"upstream-flush {self._upstream.target}", context=contextvars.Context()
                 )
             else:
-                self._writing = False
+                self.writing = False
 
     async def _flush(self) -> None:
         try:
@@ -104,7 +104,7 @@ class _Stream:
         except _WRITE_ERRORS as exc:
             self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
         finally:
-            self._writing = False
+            self.writing = False
             self._flusher = None
 
     async def _read(self) -> None:
@@ -191,6 +191,8 @@ class Upstream:
             return stream
         best = streams[0]
         for stream in streams:
+            if stream.writing:
+                return stream  # joining the next message of a write in flight costs no write of its own
             if len(stream.pending) < len(best.pending):
                 best = stream
         return best
