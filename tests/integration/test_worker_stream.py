@@ -1,4 +1,5 @@
-"""ModelStreamInfer, the gateway -> worker hop: ids, concurrency, per-request deadlines, draining."""
+"""The gateway -> worker hop on a worker: ModelStreamInfer and the batched WorkerHop/InferStream: ids,
+concurrency, coalesced replies, per-request deadlines, draining."""
 
 from __future__ import annotations
 
@@ -152,6 +153,108 @@ async def test_deadline_passed_is_dropped_and_draining_is_answered(
         # The draining worker ends the stream once its requests are answered.
         assert await asyncio.wait_for(stream.call.read(), 10) is grpc.aio.EOF
         assert await stream.call.code() == grpc.StatusCode.OK
+    assert status_of(replies["late"]) == DEADLINE_EXCEEDED
+    assert status_of(replies["in-time"]) == OK
+    for i in range(4):
+        assert status_of(replies[f"in-flight-{i}"]) == OK
+    refusal = replies["after-drain"]
+    assert status_of(refusal) == UNAVAILABLE
+    assert refusal.error_message.startswith("worker is draining")
+    assert refusal.infer_response.parameters["meshserve.draining"].bool_param
+    assert proc.popen.wait(timeout=20) == 0
+
+
+class Hop:
+    """One WorkerHop/InferStream call, as the gateway uses it: batches of requests out, batches of replies back."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._outgoing: asyncio.Queue[mesh_pb2.InferBatch | None] = asyncio.Queue()
+        self.call = mesh_pb2_grpc.WorkerHopStub(channel).InferStream(self._batches())
+        self.messages: list[list[service_pb2.ModelStreamInferResponse]] = []
+
+    async def _batches(self) -> AsyncIterator[mesh_pb2.InferBatch]:
+        while (item := await self._outgoing.get()) is not None:
+            yield item
+
+    def send(self, *requests: service_pb2.ModelInferRequest | bytes) -> None:
+        raw = [r if isinstance(r, bytes) else r.SerializeToString() for r in requests]
+        self._outgoing.put_nowait(mesh_pb2.InferBatch(requests=raw))
+
+    def close(self) -> None:
+        self._outgoing.put_nowait(None)
+
+    async def receive(self, count: int) -> dict[str, service_pb2.ModelStreamInferResponse]:
+        replies: dict[str, service_pb2.ModelStreamInferResponse] = {}
+        while len(replies) < count:
+            message = await asyncio.wait_for(self.call.read(), 60)
+            assert message is not grpc.aio.EOF
+            entries = [service_pb2.ModelStreamInferResponse.FromString(raw) for raw in message.responses]
+            self.messages.append(entries)
+            replies.update((entry.infer_response.id, entry) for entry in entries)
+        return replies
+
+
+async def test_hop_answers_a_batch_by_id_and_coalesces_replies(demo_repository: Path, processes: ProcessGroup) -> None:
+    _, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    rng = np.random.default_rng(11)
+    session = ort.InferenceSession(str(demo_repository / "digits" / "1" / "model.onnx"))
+    sent = {f"r{i}": rng.random((1 + i % 2, 64), dtype=np.float32) * 16 for i in range(16)}
+    async with grpc.aio.insecure_channel(address) as channel:
+        hop = Hop(channel)
+        hop.send(
+            *(request("digits", x, request_id) for request_id, x in sent.items()), request("nope", sent["r0"], "bad")
+        )
+        replies = await hop.receive(len(sent) + 1)
+        hop.close()
+        assert await hop.call.code() == grpc.StatusCode.OK
+    assert sorted(replies) == sorted([*sent, "bad"])
+    assert status_of(replies["bad"]) == grpc.StatusCode.NOT_FOUND.value[0]
+    for request_id, x in sent.items():
+        reply = replies[request_id]
+        assert reply.error_message == "" and status_of(reply) == OK
+        response = reply.infer_response
+        assert response.parameters["meshserve.in_flight"].int64_param >= 0
+        index = [o.name for o in response.outputs].index("probabilities")
+        got = np.frombuffer(response.raw_output_contents[index], dtype=np.float32).reshape(x.shape[0], 10)
+        np.testing.assert_allclose(got, session.run(["probabilities"], {"input": x})[0], rtol=1e-4, atol=1e-6)
+    # Requests that ran in one dynamic batch finish together and come back in one message.
+    assert len(hop.messages) < len(sent)
+    assert max(len(entries) for entries in hop.messages) > 1
+
+
+async def test_hop_answers_a_malformed_entry_under_its_id(demo_repository: Path, processes: ProcessGroup) -> None:
+    _, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    x = np.ones((1, 64), np.float32)
+    # A well-formed head, then an `inputs` field (5) whose length runs past the end.
+    broken = service_pb2.ModelInferRequest(model_name="digits", id="broken").SerializeToString() + b"\x2a\x05\x0a"
+    async with grpc.aio.insecure_channel(address) as channel:
+        hop = Hop(channel)
+        hop.send(broken, request("digits", x, "fine"))
+        replies = await hop.receive(2)
+        hop.close()
+    assert status_of(replies["broken"]) == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert replies["broken"].error_message.startswith("malformed ModelInferRequest")
+    assert status_of(replies["fine"]) == OK
+
+
+async def test_hop_drops_passed_deadlines_and_drains(demo_repository: Path, processes: ProcessGroup) -> None:
+    proc, address = processes.worker(
+        demo_repository, "--host", "127.0.0.1", "--inject-latency-ms", "400", "--drain-delay", "0"
+    )
+    x = np.ones((1, 64), np.float32)
+    async with grpc.aio.insecure_channel(address) as channel:
+        hop = Hop(channel)
+        # 400 ms of injected latency: a 50 ms budget is spent before the model runs.
+        hop.send(request("digits", x, "late", deadline_ms=50), request("digits", x, "in-time", deadline_ms=30_000))
+        hop.send(*(request("digits", x, f"in-flight-{i}") for i in range(4)))
+        await until_in_flight(channel, 6)
+        drained = await mesh_pb2_grpc.MeshAdminStub(channel).DrainWorker(mesh_pb2.DrainWorkerRequest(), timeout=5)
+        assert drained.in_flight == 6
+        hop.send(request("digits", x, "after-drain"))
+        replies = await hop.receive(7)
+        # The draining worker ends the stream once its requests are answered.
+        assert await asyncio.wait_for(hop.call.read(), 10) is grpc.aio.EOF
+        assert await hop.call.code() == grpc.StatusCode.OK
     assert status_of(replies["late"]) == DEADLINE_EXCEEDED
     assert status_of(replies["in-time"]) == OK
     for i in range(4):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from gateway import wire
 from protos import grpc_service_pb2 as pb
+from protos import mesh_pb2
 
 _text = st.text(max_size=40)
 _shape = st.lists(st.integers(min_value=-1, max_value=1 << 40), max_size=4)
@@ -125,3 +126,54 @@ def test_stream_response_and_error_encodings_parse() -> None:
     assert wrapped.infer_response == inner and wrapped.error_message == ""
     error = pb.ModelStreamInferResponse.FromString(wire.encode_stream_error("model 'x' is not served", b"c-2"))
     assert error.error_message == "model 'x' is not served" and error.infer_response.id == "c-2"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(infer_requests(), _text, st.integers(min_value=0, max_value=1 << 40)), max_size=5))
+def test_batch_envelope_parses_as_infer_batch(entries: list[tuple[pb.ModelInferRequest, str, int]]) -> None:
+    # What the gateway writes: per request, header + the client's bytes + the appended hop fields, one join.
+    deadline_key = wire.parameter_key("meshserve.deadline_ms")
+    parts: list[bytes] = []
+    for request, hop_id, deadline_ms in entries:
+        original = request.SerializeToString()
+        tail = wire.encode_id(hop_id.encode()) + wire.encode_int64_parameter(deadline_key, deadline_ms)
+        parts += (wire.batch_entry_header(len(original) + len(tail)), original, tail)
+    batch = mesh_pb2.InferBatch.FromString(b"".join(parts))
+
+    assert len(batch.requests) == len(entries)
+    for raw, (request, hop_id, deadline_ms) in zip(batch.requests, entries, strict=True):
+        merged = pb.ModelInferRequest.FromString(raw)
+        assert merged.id == hop_id
+        assert merged.parameters["meshserve.deadline_ms"].int64_param == deadline_ms
+        assert list(merged.raw_input_contents) == list(request.raw_input_contents)
+        assert list(merged.inputs) == list(request.inputs)
+        assert merged.model_name == request.model_name
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(_text, _text, st.binary(max_size=300)), max_size=5))
+def test_batch_entries_split_a_protobuf_encoded_response_batch(replies: list[tuple[str, str, bytes]]) -> None:
+    messages = [
+        pb.ModelStreamInferResponse(
+            error_message=error, infer_response=pb.ModelInferResponse(id=reply_id, raw_output_contents=[raw])
+        )
+        for error, reply_id, raw in replies
+    ]
+    data = mesh_pb2.InferBatchResponse(responses=[m.SerializeToString() for m in messages]).SerializeToString()
+
+    heads = [wire.scan_response(data, start, end) for start, end in wire.batch_entries(data)]
+
+    assert [(h.error_message, h.id) for h in heads] == [(e, i.encode()) for e, i, _ in replies]
+    for head, message in zip(heads, messages, strict=True):
+        assert pb.ModelInferResponse.FromString(head.response) == message.infer_response
+
+
+def test_batch_header_uses_multi_byte_lengths() -> None:
+    big = pb.ModelInferRequest(id="x", raw_input_contents=[b"\x07" * 70_000]).SerializeToString()
+    batch = mesh_pb2.InferBatch.FromString(wire.batch_entry_header(len(big)) + big)
+    assert batch.requests == [big]
+
+
+def test_batch_entries_refuse_a_non_bytes_entry() -> None:
+    with pytest.raises(wire.WireError):
+        wire.batch_entries(b"\x08\x01")

@@ -1,0 +1,102 @@
+"""The gateway's side of the batched hop against real workers: a stream that breaks fails every request
+in flight on it with a retryable UNAVAILABLE, and through the gateway those requests fail over."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+
+from gateway import wire
+from gateway.upstream import Upstream
+from loadbalancer.errors import AttemptFailed
+from tests.harness import ProcessGroup, free_port
+from tests.integration.test_worker_stream import request, until_in_flight
+
+pytestmark = pytest.mark.integration
+
+REQUEST_MARK: contextvars.ContextVar[str] = contextvars.ContextVar("request_mark", default="none")
+
+
+class MarkRecorder(logging.Handler):
+    """Which request mark the context of each gateway.upstream log line carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.marks.append(REQUEST_MARK.get())
+
+
+async def test_a_broken_stream_fails_every_in_flight_id(demo_repository: Path, processes: ProcessGroup) -> None:
+    worker, address = processes.worker(demo_repository, "--host", "127.0.0.1", "--inject-latency-ms", "5000")
+    x = np.ones((1, 64), np.float32)
+    recorder = MarkRecorder()
+    logger = logging.getLogger("gateway.upstream")
+    logger.addHandler(recorder)
+    upstream = Upstream(address)
+    try:
+
+        async def one(i: int) -> wire.ResponseHead:
+            REQUEST_MARK.set(f"request-{i}")  # as a request's span would be
+            return await upstream.infer(request("digits", x, f"client-{i}").SerializeToString(), b"", 30)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(6)]
+        async with grpc.aio.insecure_channel(address) as channel:
+            await until_in_flight(channel, 6)
+        worker.kill9()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    finally:
+        logger.removeHandler(recorder)
+        await upstream.close()
+    for result in results:
+        assert isinstance(result, AttemptFailed), result
+        assert result.code == grpc.StatusCode.UNAVAILABLE
+    # The reader that noticed the break runs in its own context, not in the request's that opened the stream.
+    assert recorder.marks and set(recorder.marks) == {"none"}
+
+
+async def test_requests_in_flight_on_a_killed_worker_fail_over(
+    demo_repository: Path, processes: ProcessGroup, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    (repository / "digits").symlink_to(demo_repository / "digits")
+    _, registry_url = processes.registry()
+    slow = ("--host", "127.0.0.1", "--inject-latency-ms", "1500")
+    doomed, doomed_address = processes.worker(repository, *slow, registry_url=registry_url)
+    processes.worker(repository, *slow, registry_url=registry_url)
+    port = free_port()
+    gateway = processes.start(
+        "gateway", "gateway", "--registry", registry_url, "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", "0",
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    gateway.wait_serving(address)
+    gateway.wait_for_output("127.0.0.1", timeout=10)
+    await asyncio.sleep(1.0)  # both workers registered and picked up
+    x = np.random.default_rng(3).random((1, 64), dtype=np.float32)
+    async with triton_aio.InferenceServerClient(address) as client:
+
+        async def one() -> np.ndarray:
+            tensor = triton.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(x)
+            result = await client.infer("digits", [tensor], client_timeout=30)
+            return result.as_numpy("probabilities")
+
+        tasks = [asyncio.create_task(one()) for _ in range(8)]
+        async with grpc.aio.insecure_channel(doomed_address) as channel:
+            await until_in_flight(channel, 1)
+        doomed.kill9()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    for probabilities in results:
+        np.testing.assert_allclose(probabilities, results[0], rtol=1e-5)
+    assert "failing over" in gateway.output()
