@@ -3,7 +3,9 @@
 Requests wait in a bounded queue; each model instance takes what is queued
 (up to the max batch size, only requests whose non-batch dims agree), runs
 ONNX Runtime in a thread pool and splits the outputs back per request. While
-one batch runs, the next one forms. A batch that fails is retried request by
+one batch runs, the next one forms. A model whose largest batch runs in
+microseconds runs on the event loop's thread instead (`OnnxModel.runs_inline`):
+the hand-off to a thread and back costs more than the run. A batch that fails is retried request by
 request, so one bad request never fails its neighbours.
 """
 
@@ -207,7 +209,10 @@ class Batcher:
         if self.tracing:
             span = self._trace_batch(batch, size)
         try:
-            outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch, size, span)
+            if self.model.runs_inline:
+                outcomes = self._run(batch, size, span)
+            else:
+                outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch, size, span)
         except Exception as exc:  # never let the batching loop die
             log.exception("batch of %d for %s:%s failed", size, self.model.name, self.model.version)
             outcomes = [_run_error(self.model, exc)] * len(batch)
@@ -233,7 +238,7 @@ class Batcher:
         span = tracer.start_span("worker.batch", links=links, attributes={"meshserve.batch_size": size})
         return span
 
-    # The methods below run in the executor thread.
+    # The methods below run in the executor thread (on the loop's thread for an inline model).
 
     def _run(self, batch: list[Job], size: int, span: trace.Span | None) -> list[JobResult | InferenceError]:
         try:

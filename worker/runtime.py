@@ -20,6 +20,14 @@ log = logging.getLogger(__name__)
 # every core; a quicker one gets one thread.
 AUTO_THREADS_THRESHOLD_S = 1e-3
 AUTO_THREADS_PROBE_RUNS = 5
+# A model whose largest batch runs within this is run on the event loop's thread: handing a run to
+# the executor and back (two thread wake-ups and a self-pipe write) costs more than the run itself,
+# and the loop spends far longer (~0.4 ms per request) receiving the requests of such a batch.
+INLINE_RUN_LIMIT_S = 500e-6
+# ONNX Runtime's own C++ logger writes coloured plain text to stderr, past the JSON log lines:
+# errors only (3), and nothing below fatal (4) while probing for a provider that is expected to fail.
+NATIVE_LOG_SEVERITY = 3
+PROBE_LOG_SEVERITY = 4
 
 
 class ModelLoadError(Exception):
@@ -46,6 +54,7 @@ def usable_providers() -> list[str]:
     no GPU or CUDA libraries; one probe session tells, so each model load does
     not retry (and re-log) the failure.
     """
+    ort.set_default_logger_severity(NATIVE_LOG_SEVERITY)
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return available
@@ -59,11 +68,16 @@ def usable_providers() -> list[str]:
     )
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     probe.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = PROBE_LOG_SEVERITY
+    ort.set_default_logger_severity(PROBE_LOG_SEVERITY)
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CUDAExecutionProvider"])
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CUDAExecutionProvider"])
         cuda = "CUDAExecutionProvider" in session.get_providers()
     except Exception:
         cuda = False
+    finally:
+        ort.set_default_logger_severity(NATIVE_LOG_SEVERITY)
     if cuda:
         return available
     log.warning("CUDAExecutionProvider is built in but cannot start on this host (no GPU or CUDA libraries); CPU only")
@@ -92,6 +106,7 @@ class OnnxModel:
         self._providers = choose_providers(config.execution_providers, available_providers)
         # 0 (auto) starts with one thread; warm_up() adds the rest when a run is long enough to gain.
         self.intra_op_threads = config.intra_op_threads or 1
+        self.runs_inline = False  # warm_up() decides
         try:
             self.session = self._open_session(self.intra_op_threads)
             self.inputs = [_spec(arg) for arg in self.session.get_inputs()]
@@ -113,6 +128,7 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        options.log_severity_level = NATIVE_LOG_SEVERITY
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Spinning intra-op threads burn the cores the event loop (and, on small hosts, the
         # clients) need between runs; sleeping costs microseconds per run.
@@ -129,7 +145,8 @@ class OnnxModel:
 
     def warm_up(self) -> None:
         """Runs at load, so the first user request does not pay for lazy initialisation; with
-        automatic intra-op threads, also decides how many threads the model gets."""
+        automatic intra-op threads, also decides how many threads the model gets, and whether
+        the model is quick enough to run on the event loop's thread."""
         feeds = {}
         for spec in self.inputs:
             shape = tuple(1 if d == -1 else d for d in spec.shape)
@@ -141,21 +158,48 @@ class OnnxModel:
             self.run(feeds)
             if not self.config.intra_op_threads and self.device == "cpu" and usable_cores() > 1:
                 self._choose_threads(feeds)
+            if self.device == "cpu" and self._fixed_size_inputs():
+                largest = self._largest_batch_run(feeds)
+                self.runs_inline = largest <= INLINE_RUN_LIMIT_S
+                if self.runs_inline:
+                    log.info(
+                        "model %s version %d runs on the event loop's thread (largest batch %.0f us)",
+                        self.name,
+                        self.version,
+                        largest * 1e6,
+                        extra={"model": f"{self.name}:{self.version}"},
+                    )
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"{self.path}: warm-up run failed: {exc}") from None
 
-    def _choose_threads(self, feeds: dict[str, np.ndarray]) -> None:
-        """One thread for a model whose single-sample run is short: waking a second thread costs
-        more than it saves and takes CPU from the event loop (measured on a 2-core host: an mlp784
-        batch of 16 ran in 141 us on one thread, 245 us on two). Every core for a compute-bound model."""
+    def _fixed_size_inputs(self) -> bool:
+        """Every input's size is bounded (only the batch dim may vary, up to the max batch size), so a
+        run at the largest batch bounds every run's time."""
+        variable = slice(1, None) if self.batchable else slice(None)
+        return all(spec.datatype != "BYTES" and -1 not in spec.shape[variable] for spec in self.inputs)
+
+    def _median_run(self, feeds: dict[str, np.ndarray]) -> float:
         timings = []
         for _ in range(AUTO_THREADS_PROBE_RUNS):
             started = time.perf_counter()
             self.run(feeds)
             timings.append(time.perf_counter() - started)
-        single_run = sorted(timings)[len(timings) // 2]
+        return sorted(timings)[len(timings) // 2]
+
+    def _largest_batch_run(self, feeds: dict[str, np.ndarray]) -> float:
+        """The median time of a run at the max batch size; a model slow on one sample stops there."""
+        single = self._median_run(feeds)
+        if single > INLINE_RUN_LIMIT_S or not self.batchable or self.max_batch_size == 1:
+            return single
+        return self._median_run({name: np.repeat(array, self.max_batch_size, axis=0) for name, array in feeds.items()})
+
+    def _choose_threads(self, feeds: dict[str, np.ndarray]) -> None:
+        """One thread for a model whose single-sample run is short: waking a second thread costs
+        more than it saves and takes CPU from the event loop (measured on a 2-core host: an mlp784
+        batch of 16 ran in 141 us on one thread, 245 us on two). Every core for a compute-bound model."""
+        single_run = self._median_run(feeds)
         if single_run >= AUTO_THREADS_THRESHOLD_S:
             self.intra_op_threads = usable_cores()
             self.session = self._open_session(self.intra_op_threads)

@@ -32,6 +32,12 @@ def load(tmp_path: Path, model: onnx.ModelProto, **config: object) -> OnnxModel:
     return onnx_model
 
 
+def in_executor(model: OnnxModel) -> OnnxModel:
+    """The test models run in microseconds, so they would run inline; these tests are about the executor path."""
+    model.runs_inline = False
+    return model
+
+
 @pytest.fixture
 async def executor() -> AsyncIterator[ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(max_workers=2)
@@ -179,7 +185,7 @@ async def test_stop_during_a_run_fails_that_batch_as_unavailable(tmp_path: Path)
     pool = ThreadPoolExecutor(max_workers=1)
     release = threading.Event()
     pool.submit(release.wait, 10)
-    batcher = Batcher(load(tmp_path, add_model(0.0)), pool, WorkerMetrics().for_model("m"))
+    batcher = Batcher(in_executor(load(tmp_path, add_model(0.0))), pool, WorkerMetrics().for_model("m"))
     batcher.start()
     running = batcher.submit(job(np.zeros((1, 4), np.float32)))
     await asyncio.sleep(0.05)  # event-loop turns only: the batcher takes the job and hands it to the pool
@@ -197,7 +203,8 @@ async def test_instance_count_runs_batches_side_by_side(tmp_path: Path) -> None:
     release = threading.Event()
     for _ in range(4):  # hold every thread, so runs stay in flight until released
         pool.submit(release.wait, 10)
-    batcher = Batcher(load(tmp_path, add_model(1.0), instance_count=2), pool, WorkerMetrics().for_model("m"))
+    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2))
+    batcher = Batcher(model, pool, WorkerMetrics().for_model("m"))
     batcher.start()
     first = batcher.submit(job(np.zeros((1, 4), np.float32)))
     await asyncio.sleep(0.05)  # the first instance takes it
@@ -210,3 +217,65 @@ async def test_instance_count_runs_batches_side_by_side(tmp_path: Path) -> None:
     np.testing.assert_array_equal(results[1].outputs[0], np.full((1, 4), 2, np.float32))
     await batcher.stop()
     pool.shutdown(wait=True)
+
+
+async def test_a_microsecond_model_runs_on_the_event_loop_thread(tmp_path: Path) -> None:
+    model = load(tmp_path, add_model(1.0))
+    assert model.runs_inline
+    # Every executor thread is held: the batches can only complete without it.
+    pool = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    pool.submit(release.wait, 10)
+    batcher = Batcher(model, pool, WorkerMetrics().for_model("m"))
+    batcher.start()
+    try:
+        futures = [batcher.submit(job(np.full((2, 4), i, np.float32))) for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result.outputs[0], np.full((2, 4), i + 1, np.float32))
+        assert [r.batch_size for r in results] == [6, 6, 6]
+        bad = batcher.submit(Job([np.zeros((1, 4), np.float32)], 1, [0], asyncio.get_running_loop().create_future()))
+        bad.cancel()  # a cancelled caller is skipped inline as well
+        assert (await batcher.submit(job(np.zeros((1, 4), np.float32)))).batch_size == 1
+    finally:
+        release.set()
+        await batcher.stop()
+        pool.shutdown(wait=True)
+
+
+async def test_a_failing_request_fails_alone_inline(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    model = load(tmp_path, gather_model())
+    assert model.runs_inline
+    batcher = await started(model, executor)
+    outcomes = await asyncio.gather(
+        *(batcher.submit(job(np.array([[i]], np.int64))) for i in (4, 99, 5)), return_exceptions=True
+    )
+    assert isinstance(outcomes[1], InferenceError) and outcomes[1].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [outcomes[0].outputs[0][0, 0], outcomes[2].outputs[0][0, 0]] == [40, 50]  # type: ignore[union-attr]
+    await batcher.stop()
+
+
+def test_a_compute_bound_model_runs_in_the_executor(tmp_path: Path) -> None:
+    from meshserve.demo_models import build_cnn
+
+    cnn = build_cnn()
+    cnn.ir_version = 9
+    model = load(tmp_path, cnn, max_batch_size=32)
+    assert not model.runs_inline  # milliseconds per sample: the event loop must not wait for it
+
+
+def test_inputs_of_unbounded_size_never_run_inline(tmp_path: Path) -> None:
+    ragged = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "ragged",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n"])],
+    )
+    model = helper.make_model(ragged, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    assert not load(tmp_path, model).runs_inline  # a long second dim could take any time
+    # Batching off: nothing bounds dim 0 either.
+    unbatched = load(tmp_path, add_model(0.0), max_batch_size=0)
+    assert not unbatched.batchable and not unbatched.runs_inline
+    # A fixed-shape model without a batch dim is bounded.
+    assert load(tmp_path, static_model()).runs_inline
