@@ -49,8 +49,8 @@ class ModelConfig(BaseModel):
     max_queue_size: int = Field(default=1024, ge=1)
     execution_providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     instance_count: int = Field(default=1, ge=1)
-    # 0 (auto): one thread per usable core for a model whose one-sample run takes >= 1 ms,
-    # else one thread (see OnnxModel.warm_up).
+    # 0 (auto): the usable cores divided among the instances for a model whose one-sample run
+    # takes >= 1 ms, else one thread (see OnnxModel.warm_up).
     intra_op_threads: int = Field(default=0, ge=0)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
 

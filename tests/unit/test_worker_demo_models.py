@@ -86,3 +86,32 @@ def test_automatic_intra_op_threads_follow_the_models_cost(demo_repository: Path
     )
     pinned.warm_up()
     assert pinned.intra_op_threads == 3  # an explicit setting is never second-guessed
+
+
+def test_automatic_intra_op_threads_split_the_cores_among_instances(demo_repository: Path) -> None:
+    """Instances run batches side by side: together they get the usable cores, never more (at least one each)."""
+    from worker.config import ModelConfig
+    from worker.runtime import OnnxModel, usable_cores
+
+    path = demo_repository / "cnn" / "1" / "model.onnx"
+    for instances in (2, usable_cores() + 1):
+        model = OnnxModel("cnn", 1, path, ModelConfig(instance_count=instances), ["CPUExecutionProvider"])
+        model.warm_up()
+        assert model.intra_op_threads == max(1, usable_cores() // instances)
+    quick = OnnxModel(
+        "mlp784",
+        1,
+        demo_repository / "mlp784" / "1" / "model.onnx",
+        ModelConfig(instance_count=2),
+        ["CPUExecutionProvider"],
+    )
+    quick.warm_up()
+    assert quick.intra_op_threads == 1
+
+
+def test_the_demo_cnn_runs_two_instances(demo_repository: Path) -> None:
+    from worker.config import load_model_config
+
+    config = load_model_config(demo_repository / "cnn")
+    assert config.instance_count == 2 and config.intra_op_threads == 0  # automatic threads, split between the two
+    assert config.max_batch_size == 32
