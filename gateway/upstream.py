@@ -6,10 +6,11 @@ pool of long-lived `meshserve.v1.WorkerHop/InferStream` streams. Each request
 gets a hop id (appended to its bytes); the worker echoes it, and a reader task
 per stream hands each response to the request waiting for that id.
 
-Per stream, the first request goes out at once in its own message; the requests
-that arrive while that write is in flight go out together, in one `InferBatch`,
-as soon as it completes (no added wait at low load, one message per write under
-load). The worker coalesces its responses the same way.
+Per stream, a writer task sends the first queued request at once in its own
+message; the requests that arrive while that write is in flight go out
+together, in one `InferBatch`, as soon as it completes (no added wait at low
+load, one message per write under load). The worker coalesces its responses
+the same way.
 
 A stream that breaks fails all of its in-flight requests with a retryable
 UNAVAILABLE, so the balancer fails them over to another worker; the next
@@ -60,52 +61,46 @@ class _Stream:
         self.call = upstream._stream_method()
         self.pending: dict[bytes, asyncio.Future[wire.ResponseHead]] = {}
         self.broken = False
-        # gRPC allows one outstanding write per call. The request that finds no
-        # write in flight writes inline (no task switch at low load); requests
-        # that arrive meanwhile queue their envelope parts, and one flush task
-        # per busy period sends each accumulated queue as one message.
+        # gRPC allows one outstanding write per call, and cancelling a write
+        # cancels the whole call: so requests never write themselves (a client
+        # that gives up must not fail the stream's other requests). They queue
+        # their envelope parts; the writer sends each accumulation as one message.
         self.writing = False
         self._queued: list[bytes] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
-        # A fresh context: the reader outlives the request that opened the stream and must not carry its span.
-        self._reader = loop.create_task(
-            self._read(), name=f"upstream-read {upstream.target}", context=contextvars.Context()
-        )
+        # Fresh contexts: these tasks outlive the request that opened the stream and must not carry its span.
+        name = upstream.target
+        self._reader = loop.create_task(self._read(), name=f"upstream-read {name}", context=contextvars.Context())
+        self._writer = loop.create_task(self._write(), name=f"upstream-write {name}", context=contextvars.Context())
 
-    async def send(self, request: bytes, tail: bytes) -> None:
-        """Sends `request + tail` as one InferBatch entry, now or with the next write.
+    def send(self, request: bytes, tail: bytes) -> None:
+        """Queues `request + tail` as one InferBatch entry for the next write.
 
-        Never raises for a broken stream: breaking fails the request's future.
+        A broken stream fails the request's future instead of raising here.
         """
-        header = wire.batch_entry_header(len(request) + len(tail))
-        if self.writing:
-            self._queued += (header, request, tail)
-            return
-        self.writing = True
-        try:
-            await self.call.write(b"".join((header, request, tail)))
-        except _WRITE_ERRORS as exc:
-            self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
-        finally:
-            if self._queued and not self.broken:
-                self._flusher = asyncio.get_running_loop().create_task(
-                    self._flush(), name=f"upstream-flush {self._upstream.target}", context=contextvars.Context()
-                )
-            else:
-                self.writing = False
+        self._queued += (wire.batch_entry_header(len(request) + len(tail)), request, tail)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
 
-    async def _flush(self) -> None:
+    async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
+        queued = self._queued
         try:
-            while self._queued and not self.broken:
-                message = b"".join(self._queued)
-                self._queued.clear()
+            while True:
+                if not queued:
+                    self.writing = False
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    continue
+                self.writing = True
+                message = b"".join(queued)
+                queued.clear()
                 await self.call.write(message)
         except _WRITE_ERRORS as exc:
             self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
-        finally:
-            self.writing = False
-            self._flusher = None
 
     async def _read(self) -> None:
         reason = "stream ended"
@@ -136,6 +131,7 @@ class _Stream:
             return
         self.broken = True
         self._queued.clear()
+        self._writer.cancel()
         self._upstream._forget(self)
         pending, self.pending = self.pending, {}
         if pending:
@@ -146,9 +142,8 @@ class _Stream:
 
     async def close(self) -> None:
         self.call.cancel()
-        self._reader.cancel()
-        tasks = [self._reader] if self._flusher is None else [self._reader, self._flusher]
-        for task in tasks:
+        for task in (self._reader, self._writer):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
@@ -210,7 +205,7 @@ class Upstream:
         stream.pending[hop_id] = future
         timer = loop.call_later(timeout_s, _expire, future) if timeout_s is not None else None
         try:
-            await stream.send(request, wire.encode_id(hop_id) + extra)
+            stream.send(request, wire.encode_id(hop_id) + extra)
             return await future
         finally:
             if timer is not None:
