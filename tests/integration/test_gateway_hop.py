@@ -15,7 +15,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 
 from gateway import wire
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, UpstreamOptions
 from loadbalancer.errors import AttemptFailed
 from tests.harness import ProcessGroup, free_port
 from tests.integration.test_worker_stream import request, until_in_flight
@@ -62,6 +62,24 @@ async def test_a_broken_stream_fails_every_in_flight_id(demo_repository: Path, p
         assert result.code == grpc.StatusCode.UNAVAILABLE
     # The reader that noticed the break runs in its own context, not in the request's that opened the stream.
     assert recorder.marks and set(recorder.marks) == {"none"}
+
+
+async def test_a_request_given_up_leaves_its_stream_working(demo_repository: Path, processes: ProcessGroup) -> None:
+    _, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    x = np.ones((1, 64), np.float32)
+    upstream = Upstream(address, UpstreamOptions(streams=1))
+    try:
+        await upstream.infer(request("digits", x, "opens").SerializeToString(), b"", 30)
+        given_up = asyncio.create_task(upstream.infer(request("digits", x, "a").SerializeToString(), b"", 30))
+        kept = asyncio.create_task(upstream.infer(request("digits", x, "b").SerializeToString(), b"", 30))
+        await asyncio.sleep(0)  # both on their way, the first one's write started
+        given_up.cancel()  # as a client cancelling or a losing hedge would
+        head = await asyncio.wait_for(kept, 30)
+        again = await upstream.infer(request("digits", x, "c").SerializeToString(), b"", 30)
+    finally:
+        await upstream.close()
+    assert head.error_message == "" and again.error_message == ""
+    assert given_up.cancelled()
 
 
 async def test_requests_in_flight_on_a_killed_worker_fail_over(
