@@ -101,6 +101,9 @@ class _Stream:
                 await self.call.write(message)
         except _WRITE_ERRORS as exc:
             self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
+        except Exception as exc:  # a writer that dies silently would leave its requests waiting for their deadline
+            log.exception("writing to worker %s failed", self._upstream.target)
+            self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
 
     async def _read(self) -> None:
         reason = "stream ended"
