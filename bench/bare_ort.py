@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class BatchThroughput:
     runs: int
     samples_per_s: float
     ms_per_run: float
+    instances: int = 1
+    threads: int = 1
 
 
 def model_path(model_dir: Path) -> Path:
@@ -68,19 +71,41 @@ def random_inputs(sess: object, batch_size: int, seed: int = 0) -> dict[str, np.
 
 
 def measure(
-    model_dir: Path, batch_sizes: Sequence[int], seconds_each: float, threads: int | None = None
+    model_dir: Path, batch_sizes: Sequence[int], seconds_each: float, threads: int | None = None, instances: int = 1
 ) -> list[BatchThroughput]:
-    sess = session(model_path(model_dir), threads or os.cpu_count() or 1)
+    """Samples/s at each batch size: `instances` sessions of `threads` threads each, running side by side."""
+    threads = threads or os.cpu_count() or 1
+    path = model_path(model_dir)
+    sessions = [session(path, threads) for _ in range(max(instances, 1))]
     results = []
-    for batch_size in batch_sizes:
-        feeds = random_inputs(sess, batch_size)
-        sess.run(None, feeds)  # type: ignore[attr-defined]  # warm-up: first run allocates
-        runs = 0
-        started = time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds_each or runs < 3:
-            sess.run(None, feeds)  # type: ignore[attr-defined]
-            runs += 1
-        results.append(BatchThroughput(batch_size, runs, runs * batch_size / elapsed, elapsed / runs * 1000.0))
+    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
+        for batch_size in batch_sizes:
+            feeds = random_inputs(sessions[0], batch_size)
+            for sess in sessions:
+                sess.run(None, feeds)  # type: ignore[attr-defined]  # warm-up: first run allocates
+            started = time.perf_counter()
+            deadline = started + seconds_each
+
+            def loop(sess: object, feeds: dict[str, np.ndarray] = feeds, deadline: float = deadline) -> int:
+                # ONNX Runtime releases the GIL, so sessions in threads run in parallel like instances.
+                runs = 0
+                while time.perf_counter() < deadline or runs < 3:
+                    sess.run(None, feeds)  # type: ignore[attr-defined]
+                    runs += 1
+                return runs
+
+            runs = sum(pool.map(loop, sessions))
+            elapsed = time.perf_counter() - started
+            results.append(
+                BatchThroughput(
+                    batch_size,
+                    runs,
+                    runs * batch_size / elapsed,
+                    elapsed / runs * len(sessions) * 1000.0,
+                    len(sessions),
+                    threads,
+                )
+            )
     return results
 
 

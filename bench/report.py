@@ -173,11 +173,21 @@ def model_table(model: str, run: dict[str, Any], table: dict[tuple[str, str, int
 
 
 def ort_table(run: dict[str, Any]) -> list[str]:
-    lines = ["### bare ONNX Runtime in-process (same thread budget as the worker)", ""]
+    lines = ["### bare ONNX Runtime in-process (the worker's thread budget)", ""]
     for model, results in run["bare_ort"].items():
         best = max(results, key=lambda r: r["samples_per_s"])
-        cells_ = ", ".join(f"b{r['batch_size']}: {r['samples_per_s']:.0f}" for r in results)
-        lines.append(f"- **{model}** samples/s by batch size: {cells_}; best b{best['batch_size']}")
+        layouts: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+        for r in results:
+            layouts[(r.get("instances", 1), r.get("threads", 0))].append(r)
+        for (instances, threads), rows in layouts.items():
+            by_batch = ", ".join(f"b{r['batch_size']}: {r['samples_per_s']:.0f}" for r in rows)
+            lines.append(
+                f"- **{model}**, {instances} session(s) x {threads} thread(s) side by side, samples/s: {by_batch}"
+            )
+        lines.append(
+            f"- **{model}** best: {best['samples_per_s']:.0f} samples/s "
+            f"(b{best['batch_size']}, {best.get('instances', 1)} x {best.get('threads', 0)} threads)"
+        )
     return [*lines, ""]
 
 
@@ -185,6 +195,7 @@ def render_markdown(run: dict[str, Any]) -> str:
     table = cells(run["points"])
     settings = run["settings"]
     machine = run["machine"]
+    threads = settings.get("intra_op_threads", {})
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items() if v)
     lines = [
         f"## Run of {run['started']}",
@@ -200,8 +211,14 @@ def render_markdown(run: dict[str, Any]) -> str:
         f"({settings['gateway_processes']} process(es), API-key auth); 'worker' is that mesh's worker called directly; "
         f"Triton: nvidia-pytriton, ONNX Runtime in the bound callable, dynamic batcher (config.yaml's batching, "
         f"else max queue delay {settings['triton_default_delay_us']} us)",
-        "- ONNX Runtime intra-op threads per model, as the worker chose them and given to Triton and bare ORT: "
-        + (", ".join(f"{m} {n}" for m, n in settings.get("intra_op_threads", {}).items()) or "nproc"),
+        "- ONNX Runtime per model, as the worker chose it (automatic threads, config.yaml's instances) and as "
+        "Triton got it: "
+        + (
+            ", ".join(
+                f"{m} {v['instances']} instance(s) x {v['threads']} intra-op thread(s)" for m, v in threads.items()
+            )
+            or "nproc threads"
+        ),
         f"- tracing: 100% sampled, OTLP/gRPC to a local receiver process ({run.get('otlp_receiver', '')})",
         *(f"- note: {note}" for note in run.get("notes", [])),
         "",

@@ -46,7 +46,7 @@ from bench.tritonclient_load import TritonClientLoad, check_outputs_agree
 from meshserve.loadgen import LevelResult
 
 # The worker logs its automatic intra-op thread choice per model version at load.
-WORKER_THREADS_LINE = re.compile(r"model (\S+) version \d+: (\d+) intra-op thread")
+WORKER_THREADS_LINE = re.compile(r"model (\S+) version \d+: (\d+) intra-op thread\(s\)(?: x (\d+) instance)?")
 DEFAULT_TRITON_PYTHON = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "python"
 
 
@@ -162,7 +162,7 @@ class Bench:
         self.notes: list[str] = []
         self.spans_exported: int | None = None
         self.triton_version = ""
-        self.threads: dict[str, int] = {}
+        self.threads: dict[str, tuple[int, int]] = {}
 
     # ----- start-up -----
 
@@ -231,20 +231,21 @@ class Bench:
         mesh = Peer(name, f"127.0.0.1:{gateway_port}", self.models, processes, api_key=self.api_key)
         return direct, mesh
 
-    def worker_threads(self, worker: Child, timeout_s: float = 120.0) -> dict[str, int]:
-        """Each model's intra-op thread count, from the worker's load log line (its policy may change)."""
-        found: dict[str, int] = {}
+    def worker_threads(self, worker: Child, timeout_s: float = 120.0) -> dict[str, tuple[int, int]]:
+        """Each model's (intra-op threads, instances), from the worker's load log line (its policy may change)."""
+        found: dict[str, tuple[int, int]] = {}
 
         def all_found() -> bool:
             worker.check_alive()
-            found.update({m: int(n) for m, n in WORKER_THREADS_LINE.findall(worker.output())})
+            for model, threads, instances in WORKER_THREADS_LINE.findall(worker.output()):
+                found[model] = (int(threads), int(instances or 1))
             return all(model in found for model in self.models)
 
         try:
             wait_until(all_found, timeout_s, "the worker's intra-op thread choice per model")
         except TimeoutError:
-            fallback = os.cpu_count() or 1
-            self.notes.append(f"worker thread choice not logged; Triton and bare ORT use {fallback} thread(s)")
+            fallback = (os.cpu_count() or 1, 1)
+            self.notes.append(f"worker thread choice not logged; Triton and bare ORT use {fallback[0]} thread(s)")
             return {model: found.get(model, fallback) for model in self.models}
         return {model: found[model] for model in self.models}
 
@@ -252,7 +253,8 @@ class Bench:
         grpc_port = free_port()
         argv = [str(self.args.triton_python), "-m", "bench.triton_server", "--model-repository", str(self.repository)]
         for model in self.models:
-            argv += ["--model", model, "--threads", f"{model}={self.threads.get(model, os.cpu_count() or 1)}"]
+            threads, instances = self.threads.get(model, (os.cpu_count() or 1, 1))
+            argv += ["--model", model, "--threads", f"{model}={threads}", "--instances", f"{model}={instances}"]
         argv += [
             "--grpc-port",
             str(grpc_port),
@@ -431,8 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch_sizes = [int(b) for b in args.ort_batches.split(",") if b]
     ort_results = {}
     for model in bench.models:
-        threads = bench.threads.get(model)
-        ort_results[model] = bare_ort.measure(repository / model, batch_sizes, args.ort_seconds, threads)
+        threads, instances = bench.threads.get(model, (os.cpu_count() or 1, 1))
+        # The worker's layout (instances side by side), and one session with the same threads in all.
+        ort_results[model] = bare_ort.measure(repository / model, batch_sizes, args.ort_seconds, threads, instances)
+        if instances > 1:
+            ort_results[model] += bare_ort.measure(
+                repository / model, batch_sizes, args.ort_seconds, threads * instances
+            )
         best = bare_ort.best(ort_results[model])
         print(f"bare ORT {model}: best batch {best.batch_size}: {best.samples_per_s:.1f} samples/s", flush=True)
 
@@ -451,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mesh_workers": args.mesh_workers,
             "gateway_processes": args.gateway_processes,
             "triton_default_delay_us": args.triton_default_delay_us,
-            "intra_op_threads": bench.threads,
+            "intra_op_threads": {m: {"threads": t, "instances": i} for m, (t, i) in bench.threads.items()},
         },
         "otlp_receiver": receiver_totals,
         "notes": bench.notes,

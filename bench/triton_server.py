@@ -101,18 +101,23 @@ def _make_infer(session: Any) -> Callable[..., dict[str, np.ndarray]]:
     return infer
 
 
-def bind_model(triton: Any, name: str, model_dir: Path, threads: int, batching: BatchingConfig) -> None:
+def _session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # As the worker runs its sessions: spinning threads would take the cores Triton's own threads need.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(
-        str(newest_version_file(model_dir)), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def bind_model(triton: Any, name: str, model_dir: Path, threads: int, instances: int, batching: BatchingConfig) -> None:
+    """`instances` model instances (Triton runs them side by side), each its own session with `threads`."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    path = newest_version_file(model_dir)
+    sessions = [_session(path, threads) for _ in range(max(instances, 1))]
 
     def tensors(args: list[Any]) -> list[Any]:
         # pytriton shapes exclude the batch dimension; other dynamic dims stay -1.
@@ -131,17 +136,18 @@ def bind_model(triton: Any, name: str, model_dir: Path, threads: int, batching: 
     )
     triton.bind(
         model_name=name,
-        infer_func=_make_infer(session),
-        inputs=tensors(session.get_inputs()),
-        outputs=tensors(session.get_outputs()),
+        infer_func=[_make_infer(session) for session in sessions],
+        inputs=tensors(sessions[0].get_inputs()),
+        outputs=tensors(sessions[0].get_outputs()),
         config=ModelConfig(max_batch_size=batching.max_batch_size, batcher=batcher),
         strict=False,
     )
     logging.info(
-        "bound %s (max batch %d, max queue delay %d us, %d intra-op threads)",
+        "bound %s (max batch %d, max queue delay %d us, %d instance(s) x %d intra-op thread(s))",
         name,
         batching.max_batch_size,
         batching.max_queue_delay_us,
+        len(sessions),
         threads,
     )
 
@@ -157,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         "--intra-op-threads", type=int, default=os.cpu_count() or 1, help="for models without --threads"
     )
     parser.add_argument("--threads", action="append", default=[], help="MODEL=N intra-op threads for one model")
+    parser.add_argument("--instances", action="append", default=[], help="MODEL=N model instances [default: 1]")
     parser.add_argument("--max-batch-size", type=int, default=32, help="when config.yaml does not say")
     parser.add_argument("--max-queue-delay-us", type=int, default=500, help="when config.yaml does not say")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s triton-bench %(message)s")
 
     threads = {name: int(n) for name, _, n in (item.partition("=") for item in args.threads)}
+    instances = {name: int(n) for name, _, n in (item.partition("=") for item in args.instances)}
     libpython_first(os.environ)
     from pytriton.triton import Triton, TritonConfig
 
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.model:
             model_dir = args.model_repository / name
             batching = read_batching_config(model_dir, args.max_batch_size, args.max_queue_delay_us)
-            bind_model(triton, name, model_dir, threads.get(name, args.intra_op_threads), batching)
+            threads_each = threads.get(name, args.intra_op_threads)
+            bind_model(triton, name, model_dir, threads_each, instances.get(name, 1), batching)
         triton.connect()
         print(READY_LINE, flush=True)
         with contextlib.suppress(KeyboardInterrupt):

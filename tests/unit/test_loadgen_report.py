@@ -97,4 +97,4 @@ def test_markdown_marks_misses_and_missing_peers() -> None:
     assert "| 2 | worker / Triton, mlp784, c=32 | n/a | >= 1.5x | not measured |" in text
     assert "| 5 | gateway hop p50 (mesh - worker), cnn, c=1 | 1.00 ms | <= 0.4 ms | **MISSED** |" in text
     assert "### mlp784" in text and "### cnn" in text
-    assert "best b8" in text
+    assert "best: 100 samples/s (b8" in text
