@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench import bare_ort
+from bench.otlp_receiver import READY_LINE as OTLP_READY
 from bench.processes import Child, Children, free_port
 from bench.tritonclient_load import TritonClientLoad
 
@@ -49,7 +50,9 @@ def parse_collapsed(text: str) -> tuple[Counter[str], Counter[str], int]:
     return inclusive, own, total
 
 
-def start_mesh(children: Children, repository: Path, api_key: str) -> tuple[Child, Child, str]:
+def start_mesh(
+    children: Children, repository: Path, api_key: str, env: dict[str, str] | None = None
+) -> tuple[Child, Child, str]:
     registry_port, worker_port, gateway_port = free_port(), free_port(), free_port()
     children.meshserve("registry", "registry", "--port", str(registry_port))
     registry_url = f"consul://127.0.0.1:{registry_port}"
@@ -69,6 +72,7 @@ def start_mesh(children: Children, repository: Path, api_key: str) -> tuple[Chil
         "127.0.0.1",
         "--log-level",
         "warning",
+        env=env,
     )
     gateway = children.meshserve(
         "gateway",
@@ -85,6 +89,7 @@ def start_mesh(children: Children, repository: Path, api_key: str) -> tuple[Chil
         str(free_port()),
         "--log-level",
         "warning",
+        env=env,
     )
     return worker, gateway, f"127.0.0.1:{gateway_port}"
 
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--tracing", action="store_true", help="100%% sampled spans to a local OTLP receiver")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not os.access(py_spy, os.X_OK):
@@ -126,7 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     write_demo_repository(repository)
     api_key = secrets.token_hex(8)
     with Children(work / "logs") as children:
-        worker, gateway, url = start_mesh(children, repository, api_key)
+        env = None
+        if args.tracing:
+            receiver_port = free_port()
+            receiver = children.start(
+                "otlp-receiver", [sys.executable, "-m", "bench.otlp_receiver", "--port", str(receiver_port)]
+            )
+            receiver.wait_for_output(OTLP_READY, 30)
+            env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_TRACES_SAMPLER": "always_on",
+            }
+        worker, gateway, url = start_mesh(children, repository, api_key, env)
         recorders = {}
         cpu_before = {}
 
