@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--native", action="store_true", help="also sample C frames (grpc core, protobuf)")
     parser.add_argument("--tracing", action="store_true", help="100%% sampled spans to a local OTLP receiver")
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                         "200",
                         "--format",
                         "raw",
-                        "--nonblocking",
+                        # Native unwinding has to pause the process; Python-only sampling need not.
+                        *(["--native"] if args.native else ["--nonblocking"]),
                         "--output",
                         str(out),
                     ],
