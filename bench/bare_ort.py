@@ -16,16 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-_ORT_TO_NUMPY = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+from worker.tensors import onnx_numpy_dtype
 
 
 @dataclass(frozen=True)
@@ -63,7 +54,9 @@ def random_inputs(sess: object, batch_size: int, seed: int = 0) -> dict[str, np.
         dims = [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape]
         if dims:
             dims[0] = batch_size
-        dtype = _ORT_TO_NUMPY[arg.type]
+        dtype = onnx_numpy_dtype(arg.type)
+        if dtype is None:
+            raise ValueError(f"input {arg.name!r} has type {arg.type}: bare ORT feeds numeric tensors only")
         feeds[arg.name] = (
             rng.random(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype=dtype)
         )

@@ -48,6 +48,15 @@ ONNX_TO_KSERVE: dict[str, str] = {
     "tensor(string)": "BYTES",
 }
 
+
+def onnx_numpy_dtype(onnx_type: str) -> np.dtype | None:
+    """The NumPy dtype of a numeric ONNX Runtime tensor type (`tensor(float)`); None for strings and unknowns."""
+    datatype = ONNX_TO_KSERVE.get(onnx_type)
+    if datatype is None or datatype == "BYTES":
+        return None
+    return NUMPY_DTYPES[datatype]
+
+
 # Which `InferTensorContents` field carries each datatype when sent typed.
 # FP16 has no field of its own; like other v2 servers we accept fp32_contents.
 CONTENTS_FIELDS: dict[str, str] = {

@@ -9,27 +9,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from meshserve.modeltools.errors import ModelToolError
+from worker.tensors import onnx_numpy_dtype
 
 if TYPE_CHECKING:
     import onnxruntime as ort
-
-# ONNX Runtime type strings -> NumPy dtypes, for the tensor types tooling feeds.
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: type[np.generic]
+    dtype: np.dtype
     shape: tuple[int | None, ...]  # None for a symbolic (dynamic) dimension
 
     @property
@@ -52,7 +41,7 @@ def open_session(path: Path, optimization_level: str | None = None) -> ort.Infer
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
-    dtype = _ORT_DTYPES.get(arg.type)
+    dtype = onnx_numpy_dtype(arg.type)
     if dtype is None:
         raise ModelToolError(f"tensor {arg.name!r} has type {arg.type}, which model tooling cannot feed or compare")
     shape = tuple(dim if isinstance(dim, int) and dim > 0 else None for dim in arg.shape)
@@ -87,7 +76,7 @@ def random_inputs(spec: TensorSpec, count: int, seed: int = 0) -> np.ndarray:
     shape = (count, *(dim or 1 for dim in spec.shape[1:]))
     if np.issubdtype(spec.dtype, np.floating):
         return rng.standard_normal(shape).astype(spec.dtype)
-    if spec.dtype is np.bool_:
+    if spec.dtype == np.bool_:
         return rng.integers(0, 2, shape).astype(np.bool_)
     return rng.integers(0, 10, shape).astype(spec.dtype)
 
