@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,13 +75,15 @@ def example_model(repository: Path) -> str:
     return "digits" if "digits" in names or not names else names[0]
 
 
-def parent_death_signal() -> Callable[[], None] | None:
-    """A preexec function that makes a child get SIGTERM when the launcher dies (Linux), or None.
+def parent_death_signal(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A preexec function that sends the child `signum` when its parent dies (Linux), or None.
 
     libc is loaded here, in the parent: between fork and exec the child only
-    makes the one prctl call (no imports, no locks).
+    makes the one prctl call (no imports, no locks). Linux ties the signal to
+    the thread that forked, so only children started from the main thread get
+    it (a helper thread's exit must not take its children with it).
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None
     import ctypes
 
@@ -91,7 +94,7 @@ def parent_death_signal() -> Callable[[], None] | None:
     pr_set_pdeathsig = 1
 
     def set_signal() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
+        prctl(pr_set_pdeathsig, signum)
 
     return set_signal
 

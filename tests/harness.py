@@ -8,14 +8,12 @@ runs in its own session so a stray child cannot outlive the test.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,31 +21,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from meshserve.launcher import parent_death_signal
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec function that SIGKILLs the child when the test process dies, however it dies.
-
-    Fixtures stop processes on every normal path; this covers the others (a
-    pytest killed by a timeout or by hand), which would otherwise leave servers
-    running in their own sessions. libc is bound here, in the parent: between
-    fork and exec the child makes only the one prctl call. Linux ties the signal
-    to the thread that forked, so only processes started from the main thread
-    get it (a helper thread's exit must not kill its servers).
-    """
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_signal() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    return set_signal
 
 
 def free_port() -> int:
@@ -103,7 +79,8 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_parent_death_signal(),
+                # A pytest killed by a timeout or by hand must not leave servers behind.
+                preexec_fn=parent_death_signal(signal.SIGKILL),
             )
 
     @property
