@@ -79,16 +79,20 @@ def parent_death_signal(signum: int = signal.SIGTERM) -> Callable[[], None] | No
     """A preexec function that sends the child `signum` when its parent dies (Linux), or None.
 
     libc is loaded here, in the parent: between fork and exec the child only
-    makes the one prctl call (no imports, no locks). Linux ties the signal to
-    the thread that forked, so only children started from the main thread get
-    it (a helper thread's exit must not take its children with it).
+    makes the one prctl call (no imports, no locks). It is bound through
+    `PyDLL`, which keeps the GIL during the call: a CDLL call releases it, and
+    if another thread of the parent had asked for the GIL at fork time, the
+    child waits forever for that thread to take it (seen as a hung spawn).
+    Linux ties the signal to the thread that forked, so only children started
+    from the main thread get it (a helper thread's exit must not take its
+    children with it).
     """
     if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
         return None
     import ctypes
 
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl = ctypes.PyDLL(None).prctl
     except (OSError, AttributeError):
         return None
     pr_set_pdeathsig = 1

@@ -21,8 +21,6 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshserve.launcher import parent_death_signal
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -79,8 +77,6 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                # A pytest killed by a timeout or by hand must not leave servers behind.
-                preexec_fn=parent_death_signal(signal.SIGKILL),
             )
 
     @property
