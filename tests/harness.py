@@ -161,6 +161,20 @@ class ProcessGroup:
         proc.wait_serving(address)
         return proc, address
 
+    def gateway(
+        self, registry_url: str, *extra: str, env: dict[str, str] | None = None, name: str = "gateway"
+    ) -> tuple[ManagedProcess, str]:
+        """A gateway on a free loopback port (metrics on a free port unless `extra` names one); returns it
+        and its `host:port` once it serves."""
+        port = free_port()
+        args = ["gateway", "--registry", registry_url, "--host", "127.0.0.1", "--port", str(port)]
+        if "--metrics-port" not in extra:
+            args += ["--metrics-port", "0"]
+        proc = self.start(name, *args, *extra, env=env)
+        address = f"127.0.0.1:{port}"
+        proc.wait_serving(address)
+        return proc, address
+
     def close(self) -> None:
         for proc in reversed(self.processes):
             proc.stop(timeout=10)

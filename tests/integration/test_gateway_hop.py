@@ -17,7 +17,7 @@ import tritonclient.grpc.aio as triton_aio
 from gateway import wire
 from gateway.upstream import Upstream, UpstreamOptions
 from loadbalancer.errors import AttemptFailed
-from tests.harness import ProcessGroup, free_port
+from tests.harness import ProcessGroup
 from tests.integration.test_worker_stream import request, until_in_flight
 
 pytestmark = pytest.mark.integration
@@ -92,13 +92,7 @@ async def test_requests_in_flight_on_a_killed_worker_fail_over(
     slow = ("--host", "127.0.0.1", "--inject-latency-ms", "1500")
     doomed, doomed_address = processes.worker(repository, *slow, registry_url=registry_url)
     processes.worker(repository, *slow, registry_url=registry_url)
-    port = free_port()
-    gateway = processes.start(
-        "gateway", "gateway", "--registry", registry_url, "--host", "127.0.0.1", "--port", str(port),
-        "--metrics-port", "0",
-    )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    gateway.wait_serving(address)
+    gateway, address = processes.gateway(registry_url)
     gateway.wait_for_output("127.0.0.1", timeout=10)
     await asyncio.sleep(1.0)  # both workers registered and picked up
     x = np.random.default_rng(3).random((1, 64), dtype=np.float32)

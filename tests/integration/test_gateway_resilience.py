@@ -14,7 +14,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import ProcessGroup, free_port
+from tests.harness import ProcessGroup
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -60,13 +60,7 @@ async def test_kill9_sigterm_and_registry_loss_under_load(
     shutil.copytree(demo_repository / "mlp784", repository / "mlp784")
     registry, registry_url = processes.registry()
     workers = [processes.worker(repository, "--host", "127.0.0.1", registry_url=registry_url)[0] for _ in range(3)]
-    port = free_port()
-    gateway = processes.start(
-        "gateway", "gateway", "--registry", registry_url, "--host", "127.0.0.1", "--port", str(port),
-        "--metrics-port", "0",
-    )  # fmt: skip
-    address = f"127.0.0.1:{port}"
-    gateway.wait_serving(address)
+    gateway, address = processes.gateway(registry_url)
     gateway.wait_for_output("127.0.0.1", timeout=10)
     await asyncio.sleep(1.0)  # all three registered and picked up
 

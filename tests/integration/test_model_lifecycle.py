@@ -25,7 +25,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from meshserve.modeltools import datasets
-from tests.harness import REPO_ROOT, ManagedProcess, ProcessGroup, free_port, wait_until
+from tests.harness import REPO_ROOT, ManagedProcess, ProcessGroup, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -63,23 +63,7 @@ def mesh(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 group.worker(repository, "--host", "127.0.0.1", "--watch-interval", "0.2", registry_url=registry_url)
                 for _ in range(2)
             ]
-            port = free_port()
-            gateway = group.start(
-                "gateway",
-                "gateway",
-                "--registry",
-                registry_url,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--api-key",
-                API_KEY,
-                "--metrics-port",
-                "0",
-            )
-            address = f"127.0.0.1:{port}"
-            gateway.wait_serving(address)
+            _, address = group.gateway(registry_url, "--api-key", API_KEY)
             built = Mesh(repository, registry_url, address, workers, group)
             with triton.InferenceServerClient(address) as client:
                 wait_until(lambda: served_version(client, "digits") == "1", 30, 0.2, "gateway serving digits")

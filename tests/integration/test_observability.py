@@ -108,24 +108,10 @@ def mesh(demo_repository: Path) -> Iterator[Mesh]:
             worker.wait_serving(f"127.0.0.1:{port}")
             workers.append(worker)
             worker_addresses.append(f"127.0.0.1:{port}")
-        port, metrics_port = free_port(), free_port()
-        gateway = group.start(
-            "gateway",
-            "gateway",
-            "--registry",
-            registry_url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--api-key",
-            API_KEY,
-            env=env,
+        metrics_port = free_port()
+        gateway, address = group.gateway(
+            registry_url, "--metrics-port", str(metrics_port), "--api-key", API_KEY, env=env
         )
-        address = f"127.0.0.1:{port}"
-        gateway.wait_serving(address)
         with grpc.insecure_channel(address) as channel:
             registry_http = registry_url.replace("consul://", "http://")
             built = Mesh(
