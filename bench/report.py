@@ -14,7 +14,8 @@ from typing import Any
 TRANSPORT_MODEL = "mlp784"
 COMPUTE_MODEL = "cnn"
 WORKER, MESH, TRITON, MESH_TRACED = "worker", "mesh", "triton", "mesh+tracing"
-PEER_ORDER = (WORKER, MESH, MESH_TRACED, TRITON)
+BARE_PROXY = "bare-proxy"  # bench/bare_proxy.py in front of the worker: the floor of a grpc.aio hop
+PEER_ORDER = (WORKER, BARE_PROXY, MESH, MESH_TRACED, TRITON)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Cell:
     errors: dict[str, int]
     cpu_ms: dict[str, float]
     rounds: int
+    client_switches: float | None = None  # the client's voluntary context switches per request
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ def cells(points: list[dict[str, Any]]) -> dict[tuple[str, str, int], Cell]:
                 errors[code] += n
         components = sorted({name for p in group for name in p["cpu_ms_per_request"]})
         cpu = {c: statistics.median(p["cpu_ms_per_request"].get(c, 0.0) for p in group) for c in components}
+        switches = [p["client_switches_per_request"] for p in group if p.get("client_switches_per_request") is not None]
         table[key] = Cell(
             throughput=med("throughput"),
             p50_ms=med("p50_ms"),
@@ -76,18 +79,21 @@ def cells(points: list[dict[str, Any]]) -> dict[tuple[str, str, int], Cell]:
             errors=dict(errors),
             cpu_ms=cpu,
             rounds=len(group),
+            client_switches=statistics.median(switches) if switches else None,
         )
     return table
 
 
-def paired_p50_overhead(points: list[dict[str, Any]], model: str, concurrency: int = 1) -> float | None:
-    """Median over rounds of (mesh p50 - worker p50), each pair measured in the same round."""
+def paired_p50_overhead(
+    points: list[dict[str, Any]], model: str, concurrency: int = 1, front: str = MESH
+) -> float | None:
+    """Median over rounds of (`front` p50 - worker p50), each pair measured in the same round."""
     by_round: dict[int, dict[str, float]] = defaultdict(dict)
     for p in points:
-        same_point = p["model"] == model and p["concurrency"] == concurrency and p["peer"] in (WORKER, MESH)
+        same_point = p["model"] == model and p["concurrency"] == concurrency and p["peer"] in (WORKER, front)
         if same_point and p["result"]["p50_ms"] is not None:
             by_round[p["round"]][p["peer"]] = p["result"]["p50_ms"]
-    diffs = [r[MESH] - r[WORKER] for r in by_round.values() if MESH in r and WORKER in r]
+    diffs = [r[front] - r[WORKER] for r in by_round.values() if front in r and WORKER in r]
     return statistics.median(diffs) if diffs else None
 
 
@@ -147,6 +153,21 @@ def targets(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> lis
     ]
 
 
+def floor_lines(points: list[dict[str, Any]]) -> list[str]:
+    """The gateway's hop next to the bare grpc.aio proxy's, both measured against the same worker in each round."""
+    bare = paired_p50_overhead(points, TRANSPORT_MODEL, front=BARE_PROXY)
+    if bare is None:
+        return []
+    gateway = paired_p50_overhead(points, TRANSPORT_MODEL)
+    gateway_text = "n/a" if gateway is None else f"{gateway:.2f} ms"
+    return [
+        f"For scale: a bare grpc.aio byte proxy (`bench/bare_proxy.py`: generic handler, one unary call to the "
+        f"worker, nothing else) adds {bare:.2f} ms p50 on {TRANSPORT_MODEL} at c=1 in this run; the gateway "
+        f"(auth, rate limit, routes, balancer, retries, multiplexed hop) adds {gateway_text}.",
+        "",
+    ]
+
+
 def _fmt(value: float, digits: int = 2) -> str:
     return "-" if value != value else f"{value:.{digits}f}"
 
@@ -155,8 +176,9 @@ def model_table(model: str, run: dict[str, Any], table: dict[tuple[str, str, int
     lines = [
         f"### {model}",
         "",
-        "| c | peer | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | CPU ms per request (by process) |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "| c | peer | req/s | p50 ms | p90 ms | p99 ms | max ms | errors | CPU ms per request (by process) "
+        "| client wake-ups per request |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for c in run["settings"]["concurrency"]:
         for peer in PEER_ORDER:
@@ -167,7 +189,8 @@ def model_table(model: str, run: dict[str, Any], table: dict[tuple[str, str, int
             cpu = ", ".join(f"{k} {v:.3f}" for k, v in cell.cpu_ms.items())
             lines.append(
                 f"| {c} | {peer} | {cell.throughput:.0f} | {_fmt(cell.p50_ms)} | {_fmt(cell.p90_ms)} | "
-                f"{_fmt(cell.p99_ms)} | {_fmt(cell.max_ms)} | {errors} | {cpu} |"
+                f"{_fmt(cell.p99_ms)} | {_fmt(cell.max_ms)} | {errors} | {cpu} | "
+                f"{_fmt(cell.client_switches if cell.client_switches is not None else float('nan'), 1)} |"
             )
     return [*lines, ""]
 
@@ -228,6 +251,7 @@ def render_markdown(run: dict[str, Any]) -> str:
         "|---|---|---:|---|---|",
         *(t.row() for t in targets(run, table)),
         "",
+        *floor_lines(run["points"]),
     ]
     models = sorted({key[0] for key in table}, key=lambda m: (m != TRANSPORT_MODEL, m))
     for model in models:

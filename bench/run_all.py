@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shlex
 import subprocess
@@ -38,9 +39,19 @@ from typing import Any
 import numpy as np
 
 from bench import bare_ort
+from bench.bare_proxy import READY_LINE as BARE_PROXY_READY
 from bench.otlp_receiver import READY_LINE as OTLP_READY
 from bench.processes import Child, Children, free_port, wait_until
-from bench.report import COMPUTE_MODEL, MESH, MESH_TRACED, TRANSPORT_MODEL, TRITON, WORKER, render_markdown
+from bench.report import (
+    BARE_PROXY,
+    COMPUTE_MODEL,
+    MESH,
+    MESH_TRACED,
+    TRANSPORT_MODEL,
+    TRITON,
+    WORKER,
+    render_markdown,
+)
 from bench.triton_server import READY_LINE as TRITON_READY
 from bench.tritonclient_load import TritonClientLoad, check_outputs_agree
 from meshserve.loadgen import LevelResult
@@ -72,6 +83,9 @@ class Point:
     round: int
     result: LevelResult
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+    # The load generator's voluntary context switches per request: how often it had to sleep and be woken
+    # for responses (a server that answers a batch in one burst wakes it less).
+    client_switches_per_request: float | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -84,6 +98,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mesh-workers", type=int, default=1, help="workers behind each gateway")
     parser.add_argument("--gateway-processes", type=int, default=1)
     parser.add_argument("--no-tracing", action="store_true", help="skip the traced mesh (issue 6)")
+    parser.add_argument(
+        "--no-bare-proxy", action="store_true", help="skip the bare grpc.aio proxy peer (the hop's floor)"
+    )
     parser.add_argument("--no-triton", action="store_true", help="skip Triton (when nvidia-pytriton is missing)")
     parser.add_argument(
         "--triton-default-delay-us",
@@ -249,6 +266,15 @@ class Bench:
             return {model: found.get(model, fallback) for model in self.models}
         return {model: found[model] for model in self.models}
 
+    def start_bare_proxy(self, direct: Peer) -> Peer:
+        """`bench/bare_proxy.py` in front of the mesh's worker, for the transport model only."""
+        port = free_port()
+        child = self.children.start(
+            BARE_PROXY, [sys.executable, "-m", "bench.bare_proxy", "--port", str(port), "--upstream", direct.url]
+        )
+        child.wait_for_output(BARE_PROXY_READY, 30)
+        return Peer(BARE_PROXY, f"127.0.0.1:{port}", (TRANSPORT_MODEL,), {BARE_PROXY: child})
+
     def start_triton(self) -> Peer:
         grpc_port = free_port()
         argv = [str(self.args.triton_python), "-m", "bench.triton_server", "--model-repository", str(self.repository)]
@@ -332,8 +358,10 @@ class Bench:
         assert peer.client is not None
         cpu_before = {name: child.cpu_seconds() for name, child in peer.processes.items()}
         client_before = time.process_time()
+        switches_before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
         result = await peer.client.run(model, feeds, concurrency, self.args.duration, self.args.warmup)
         client_cpu = time.process_time() - client_before
+        switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches_before
         cpu_after = {name: child.cpu_seconds() for name, child in peer.processes.items()}
         # CPU spent over warm-up + measured window, per request measured: a per-request cost estimate.
         per_request = {}
@@ -341,7 +369,7 @@ class Bench:
         per_request["client"] = client_cpu / completed * 1000.0
         for name in peer.processes:
             per_request[name] = (cpu_after[name] - cpu_before[name]) / completed * 1000.0
-        return Point(peer.name, model, concurrency, round_index, result, per_request)
+        return Point(peer.name, model, concurrency, round_index, result, per_request, switches / completed)
 
 
 def _port_open(port: int) -> bool:
@@ -391,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.peers += [direct, mesh]
             # Triton and bare ORT get the intra-op threads the worker chose per model.
             bench.threads = bench.worker_threads(direct.processes["worker"])
+            if not args.no_bare_proxy and TRANSPORT_MODEL in bench.models:
+                bench.peers.append(bench.start_bare_proxy(direct))
             triton = None
             if not args.no_triton:
                 try:

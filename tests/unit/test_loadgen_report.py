@@ -98,3 +98,16 @@ def test_markdown_marks_misses_and_missing_peers() -> None:
     assert "| 5 | gateway hop p50 (mesh - worker), cnn, c=1 | 1.00 ms | <= 0.4 ms | **MISSED** |" in text
     assert "### mlp784" in text and "### cnn" in text
     assert "best: 100 samples/s (b8" in text
+
+
+def test_bare_proxy_floor_is_reported_next_to_the_gateway_hop() -> None:
+    data = full_run()
+    for rnd in (0, 1):
+        bare = point("bare-proxy", "mlp784", 1, rnd, 900, 1.2 + rnd)
+        bare["client_switches_per_request"] = 2.5
+        data["points"].append(bare)
+    assert paired_p50_overhead(data["points"], "mlp784", front="bare-proxy") == pytest.approx(0.2)
+    markdown = render_markdown(data)
+    assert "bare grpc.aio byte proxy" in markdown
+    assert "adds 0.20 ms p50" in markdown and "adds 0.30 ms" in markdown
+    assert "| 1 | bare-proxy | 900 |" in markdown and "| 2.5 |" in markdown
