@@ -12,16 +12,19 @@ always-on), `OTEL_BSP_*` tune the batching, `OTEL_EXPORTER_OTLP_*` (headers,
 timeout, compression, certificate, insecure) the export, and
 `OTEL_SDK_DISABLED=true` and `OTEL_TRACES_EXPORTER=none` switch it off.
 
-Why OTLP export goes through `meshserve.otlp.OtlpSpanProcessor` rather than
-the SDK's `BatchSpanProcessor(OTLPSpanExporter())`: at 100% sampling the
-stock path cost 33.8% of throughput on a 2-core box. Creating a span in the
-SDK costs ~18 us, but the stock exporter's protobuf encoding costs ~32 us per
-span more, and its batch thread encodes 512 spans at once while holding the
-GIL, stalling the asyncio loop that serves requests for ~16 ms at a time. Our
-processor keeps the SDK for span creation, writes each span's OTLP bytes as
-it ends (~3-5 us, spread evenly over requests) and only concatenates and sends
-them from its thread. The console exporter (`OTEL_TRACES_EXPORTER=console`,
-for debugging) still goes through the SDK's batch processor.
+Why spans are recorded by `meshserve.tracer.LeanTracerProvider` and exported
+by `meshserve.otlp.OtlpSpanProcessor` rather than the SDK's `TracerProvider`
+with `BatchSpanProcessor(OTLPSpanExporter())`: at 100% sampling, about five
+spans per request, the stock path cost 33.8% of the mesh's throughput on a
+2-core box (bench/RESULTS.md). An SDK span costs ~18 us to create and end, the
+stock exporter ~32 us more per span to encode, and its batch thread encodes
+512 spans at once while holding the GIL, stalling the event loop for ~16 ms.
+The lean tracer records a span in ~3 us; the processor writes each span's
+OTLP bytes as it ends (~4 us, hand-written protobuf, tested equal to the SDK
+encoder's output) and only concatenates and sends them from its thread. The
+resource, the `OTEL_*` settings and the wire format stay the SDK's. The
+console exporter (`OTEL_TRACES_EXPORTER=console`, for debugging) uses the
+SDK's provider and batch processor unchanged.
 
 Why the components write their own server spans instead of installing
 opentelemetry-instrumentation-grpc's aio server interceptor:
@@ -103,20 +106,26 @@ def configure_tracing(component: str, environ: Mapping[str, str] | None = None) 
     from opentelemetry.sdk.trace import TracerProvider
 
     attributes = {} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name(component)}
-    # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME;
-    # the sampler comes from OTEL_TRACES_SAMPLER(_ARG) inside TracerProvider.
-    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    # Resource.create merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME; the
+    # sampler follows OTEL_TRACES_SAMPLER(_ARG) (inside the SDK's TracerProvider for console).
+    resource = Resource.create(attributes)
+    provider: trace.TracerProvider
     if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
+        # Debugging output: the SDK's own provider and console exporter; cost does not matter there.
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     else:
         from meshserve.otlp import OtlpSpanProcessor
+        from meshserve.tracer import LeanTracerProvider, sampler_from_environ
 
-        provider.add_span_processor(OtlpSpanProcessor(resource=provider.resource, environ=env))
+        provider = LeanTracerProvider(
+            resource, sampler_from_environ(env), OtlpSpanProcessor(resource=resource, environ=env)
+        )
     trace.set_tracer_provider(provider)
     atexit.register(shutdown)
-    logger.info("tracing on: exporting spans as %s", provider.resource.attributes.get(SERVICE_NAME))
+    logger.info("tracing on: exporting spans as %s", resource.attributes.get(SERVICE_NAME))
     return True
 
 
