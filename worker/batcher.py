@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
 from worker.errors import InferenceError
 from worker.metrics import ModelMetrics
@@ -262,11 +262,20 @@ class Batcher:
         else:
             arrays = [np.concatenate([job.inputs[i] for job in batch]) for i in range(len(model.inputs))]
         feeds = {spec.name: array for spec, array in zip(model.inputs, arrays, strict=True)}
-        if span is not None:
-            with tracer.start_as_current_span("ort.run", context=trace.set_span_in_context(span)):
-                outputs = model.run(feeds)
-        else:
+        if span is None:
             outputs = model.run(feeds)
+        else:
+            # Not made current: nothing inside creates spans, and on the event loop's
+            # thread (an inline model) attaching a context per batch is measurable.
+            run_span = tracer.start_span("ort.run", context=trace.set_span_in_context(span))
+            try:
+                outputs = model.run(feeds)
+            except Exception as exc:
+                run_span.record_exception(exc)
+                run_span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                raise
+            finally:
+                run_span.end()
         results: list[JobResult] = []
         start = 0
         for job in batch:
