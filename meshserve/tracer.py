@@ -18,7 +18,8 @@ reach any SDK `SpanProcessor` (`meshserve.otlp.OtlpSpanProcessor` in
 production) through `on_end` with the fields a `ReadableSpan` has. Limits:
 attribute values are not validated when set (the OTLP encoder drops a value
 it cannot encode), and at most `MAX_ATTRIBUTES` attributes, events and links
-are kept per span, the SDK's default limits.
+are kept per span, the SDK's default limits; `start_as_current_span` returns a
+plain context manager (no decorator form, which nothing here uses).
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -264,8 +264,7 @@ class LeanTracer(trace.Tracer):
             provider.processor,
         )
 
-    @contextmanager
-    def start_as_current_span(
+    def start_as_current_span(  # type: ignore[override]  # a context manager object, not a generator
         self,
         name: str,
         context: otel_context.Context | None = None,
@@ -276,15 +275,39 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
         end_on_exit: bool = True,
-    ) -> Iterator[trace.Span]:
+    ) -> _CurrentSpan:
         span = self.start_span(name, context, kind, attributes, links, start_time)
-        with trace.use_span(
-            span,
-            end_on_exit=end_on_exit,
-            record_exception=record_exception,
-            set_status_on_exception=set_status_on_exception,
-        ) as current:
-            yield current
+        return _CurrentSpan(span, end_on_exit, record_exception, set_status_on_exception)
+
+
+class _CurrentSpan:
+    """`trace.use_span` as a plain object: the request path enters one or two per request, and two
+    nested generator context managers (the API's shape) cost several times this."""
+
+    __slots__ = ("_end_on_exit", "_record_exception", "_set_status", "_span", "_token")
+
+    def __init__(self, span: trace.Span, end_on_exit: bool, record_exception: bool, set_status: bool) -> None:
+        self._span = span
+        self._end_on_exit = end_on_exit
+        self._record_exception = record_exception
+        self._set_status = set_status
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+        span = self._span
+        # Like use_span: Exception subclasses only (not GeneratorExit, KeyboardInterrupt, ...).
+        if isinstance(error, Exception) and span.is_recording():
+            if self._record_exception:
+                span.record_exception(error)
+            if self._set_status:
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        if self._end_on_exit:
+            span.end()
 
 
 class LeanTracerProvider(trace.TracerProvider):
