@@ -34,7 +34,15 @@ def worker_meta(repository: ModelRepository, port: int, metrics_port: int) -> di
 class WorkerRegistration:
     """Registers the worker, keeps its tags in step with the repository, and drains it."""
 
-    def __init__(self, registry_url: str, address: str, port: int, metrics_port: int, repository: ModelRepository):
+    def __init__(
+        self,
+        registry_url: str,
+        address: str,
+        port: int,
+        metrics_port: int,
+        repository: ModelRepository,
+        tls: bool = False,
+    ) -> None:
         from registry.registration import SelfRegistration, ServiceRegistration, new_service_id
         from registry.settings import RegistrySettings
 
@@ -45,7 +53,10 @@ class WorkerRegistration:
             port=port,
             tags=model_tags(repository),
             meta=worker_meta(repository, port, metrics_port),
-            check="grpc",
+            # The registry's gRPC health probe cannot complete a TLS handshake with a worker whose
+            # certificate it cannot verify (or that demands a client certificate): a TLS worker
+            # heartbeats a TTL check instead, and a killed one drops out when the TTL runs out.
+            check="ttl" if tls else "grpc",
         )
         self._registration = SelfRegistration(registry_url, registration, settings=RegistrySettings())
         self.service_id = registration.service_id

@@ -46,6 +46,18 @@ def advertised_address(host: str, advertise: str | None) -> str:
     return "127.0.0.1"
 
 
+def server_credentials(settings: WorkerSettings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when a certificate is configured; client certificates required with a client CA."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class WorkerServer:
     def __init__(self, settings: WorkerSettings, tracing: bool = False) -> None:
         self.settings = settings
@@ -87,8 +99,15 @@ class WorkerServer:
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL
         )
+        bind = f"{settings.host}:{settings.port}"
         try:
-            self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+            credentials = server_credentials(settings)
+            if credentials is None:
+                self.port = server.add_insecure_port(bind)
+            else:
+                self.port = server.add_secure_port(bind, credentials)
+        except OSError as exc:
+            raise RuntimeError(f"cannot read the TLS files: {exc}") from None
         except RuntimeError as exc:
             raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
         await server.start()
@@ -100,7 +119,7 @@ class WorkerServer:
         log.info("worker serving on %s:%d", address, self.port, extra={"port": self.port})
         if settings.registry:
             self.registration = WorkerRegistration(
-                settings.registry, address, self.port, self.metrics_server.port, self.repository
+                settings.registry, address, self.port, self.metrics_server.port, self.repository, tls=settings.tls
             )
             await self.registration.start()
             self.repository.on_change(self._tags_changed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from meshserve.settings import MeshSettings
 
@@ -29,3 +29,20 @@ class WorkerSettings(MeshSettings):
         default=2.0, ge=0, description="seconds a removed version keeps answering after leaving the registry tags"
     )
     inject_latency_ms: float = Field(default=0.0, ge=0, description="test aid: fixed delay added to every request")
+    # TLS on the gRPC port (both or neither); with a client CA, callers must present a
+    # certificate it signed (mTLS: the gateway's --worker-tls-cert/--worker-tls-key).
+    tls_cert: Path | None = Field(default=None, description="PEM certificate chain served on the gRPC port")
+    tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(default=None, description="PEM CA that must have signed callers' certificates")
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> WorkerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: mTLS is TLS with client certificates")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

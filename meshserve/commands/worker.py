@@ -36,6 +36,11 @@ def worker(
         None, help="Seconds a removed version keeps answering after leaving the registry [default: 2]"
     ),
     inject_latency_ms: float = typer.Option(None, help="Test aid: fixed delay added to every request [default: 0]"),
+    tls_cert: Path = typer.Option(None, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)"),
+    tls_key: Path = typer.Option(None, help="PEM private key of --tls-cert"),
+    tls_client_ca: Path = typer.Option(
+        None, help="PEM CA: require callers' certificates signed by it (mTLS; the registry then gets a TTL check)"
+    ),
 ) -> None:
     """Serves the ONNX models of a repository; drains gracefully on SIGTERM/SIGINT."""
     import asyncio
@@ -62,6 +67,9 @@ def worker(
             watch_interval=watch_interval,
             unload_drain=unload_drain,
             inject_latency_ms=inject_latency_ms,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
         )
     except ValidationError as exc:
         typer.echo(f"invalid worker settings:\n{exc}", err=True)
