@@ -12,6 +12,10 @@ together, in one `InferBatch`, as soon as it completes (no added wait at low
 load, one message per write under load). The worker coalesces its responses
 the same way.
 
+A request whose caller gives up (cancelled, or its deadline passed) is named
+in the next message's `cancelled` list, so the worker drops it rather than
+spend a batch slot on an answer nobody reads.
+
 A stream that breaks fails all of its in-flight requests with a retryable
 UNAVAILABLE, so the balancer fails them over to another worker; the next
 request opens a new one.
@@ -80,6 +84,16 @@ class _Stream:
         A broken stream fails the request's future instead of raising here.
         """
         self._queued += (wire.batch_entry_header(len(request) + len(tail)), request, tail)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
+
+    def cancel(self, hop_id: bytes) -> None:
+        """Tells the worker, with the next write, that nobody waits for `hop_id` any more."""
+        if self.broken:
+            return
+        self._queued.append(wire.cancel_entry(hop_id))
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -210,6 +224,10 @@ class Upstream:
         try:
             stream.send(request, wire.encode_id(hop_id) + extra)
             return await future
+        except (asyncio.CancelledError, TimeoutError):
+            if hop_id in stream.pending:  # still unanswered: let the worker drop it instead of running it
+                stream.cancel(hop_id)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()

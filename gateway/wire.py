@@ -30,6 +30,7 @@ _INFER_RESPONSE = 2
 # InferBatch.requests / InferBatchResponse.responses.
 _BATCH_ENTRY = 1
 _BATCH_ENTRY_TAG = bytes((_BATCH_ENTRY << 3 | 2,))
+_CANCEL_TAG = bytes((2 << 3 | 2,))  # InferBatch.cancelled
 # InferParameter's oneof.
 _BOOL_PARAM = 1
 _INT64_PARAM = 2
@@ -303,6 +304,11 @@ def encode_stream_error(message: str, request_id: bytes) -> bytes:
 def batch_entry_header(length: int) -> bytes:
     """What precedes one `length`-byte message in an `InferBatch` (or `InferBatchResponse`)."""
     return _BATCH_ENTRY_TAG + _encode_varint(length)
+
+
+def cancel_entry(hop_id: bytes) -> bytes:
+    """An `InferBatch.cancelled` entry: the worker drops the request with this hop id."""
+    return _CANCEL_TAG + _encode_varint(len(hop_id)) + hop_id
 
 
 def batch_entries(data: bytes) -> list[tuple[int, int]]:

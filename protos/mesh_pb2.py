@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x11protos/mesh.proto\x12\x0cmeshserve.v1\"\xc7\x01\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12,\n\x04meta\x18\x05 \x03(\x0b\x32\x1e.meshserve.v1.Worker.MetaEntry\x12\x11\n\tin_flight\x18\x06 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\x03\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ListWorkersRequest\"<\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.meshserve.v1.Worker\"\x13\n\x11ListModelsRequest\"?\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x0f\n\x07workers\x18\x03 \x01(\x05\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.meshserve.v1.ModelSummary\"y\n\x05Route\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x07weights\x18\x02 \x03(\x0b\x32 .meshserve.v1.Route.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\" \n\x0fGetRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\"5\n\x0fSetRouteRequest\x12\"\n\x05route\x18\x01 \x01(\x0b\x32\x13.meshserve.v1.Route\"+\n\x12\x44rainWorkerRequest\x12\x15\n\rgrace_seconds\x18\x01 \x01(\x01\"(\n\x13\x44rainWorkerResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x03\"\x1e\n\nInferBatch\x12\x10\n\x08requests\x18\x01 \x03(\x0c\"\'\n\x12InferBatchResponse\x12\x11\n\tresponses\x18\x01 \x03(\x0c\x32\x8e\x03\n\tMeshAdmin\x12T\n\x0bListWorkers\x12 .meshserve.v1.ListWorkersRequest\x1a!.meshserve.v1.ListWorkersResponse\"\x00\x12Q\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponse\"\x00\x12@\n\x08GetRoute\x12\x1d.meshserve.v1.GetRouteRequest\x1a\x13.meshserve.v1.Route\"\x00\x12@\n\x08SetRoute\x12\x1d.meshserve.v1.SetRouteRequest\x1a\x13.meshserve.v1.Route\"\x00\x12T\n\x0b\x44rainWorker\x12 .meshserve.v1.DrainWorkerRequest\x1a!.meshserve.v1.DrainWorkerResponse\"\x00\x32\\\n\tWorkerHop\x12O\n\x0bInferStream\x12\x18.meshserve.v1.InferBatch\x1a .meshserve.v1.InferBatchResponse\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x11protos/mesh.proto\x12\x0cmeshserve.v1\"\xc7\x01\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12,\n\x04meta\x18\x05 \x03(\x0b\x32\x1e.meshserve.v1.Worker.MetaEntry\x12\x11\n\tin_flight\x18\x06 \x01(\x03\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\x03\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x14\n\x12ListWorkersRequest\"<\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.meshserve.v1.Worker\"\x13\n\x11ListModelsRequest\"?\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x0f\n\x07workers\x18\x03 \x01(\x05\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.meshserve.v1.ModelSummary\"y\n\x05Route\x12\r\n\x05model\x18\x01 \x01(\t\x12\x31\n\x07weights\x18\x02 \x03(\x0b\x32 .meshserve.v1.Route.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\" \n\x0fGetRouteRequest\x12\r\n\x05model\x18\x01 \x01(\t\"5\n\x0fSetRouteRequest\x12\"\n\x05route\x18\x01 \x01(\x0b\x32\x13.meshserve.v1.Route\"+\n\x12\x44rainWorkerRequest\x12\x15\n\rgrace_seconds\x18\x01 \x01(\x01\"(\n\x13\x44rainWorkerResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x03\"1\n\nInferBatch\x12\x10\n\x08requests\x18\x01 \x03(\x0c\x12\x11\n\tcancelled\x18\x02 \x03(\t\"\'\n\x12InferBatchResponse\x12\x11\n\tresponses\x18\x01 \x03(\x0c\x32\x8e\x03\n\tMeshAdmin\x12T\n\x0bListWorkers\x12 .meshserve.v1.ListWorkersRequest\x1a!.meshserve.v1.ListWorkersResponse\"\x00\x12Q\n\nListModels\x12\x1f.meshserve.v1.ListModelsRequest\x1a .meshserve.v1.ListModelsResponse\"\x00\x12@\n\x08GetRoute\x12\x1d.meshserve.v1.GetRouteRequest\x1a\x13.meshserve.v1.Route\"\x00\x12@\n\x08SetRoute\x12\x1d.meshserve.v1.SetRouteRequest\x1a\x13.meshserve.v1.Route\"\x00\x12T\n\x0b\x44rainWorker\x12 .meshserve.v1.DrainWorkerRequest\x1a!.meshserve.v1.DrainWorkerResponse\"\x00\x32\\\n\tWorkerHop\x12O\n\x0bInferStream\x12\x18.meshserve.v1.InferBatch\x1a .meshserve.v1.InferBatchResponse\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -63,11 +63,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINWORKERRESPONSE']._serialized_start=730
   _globals['_DRAINWORKERRESPONSE']._serialized_end=770
   _globals['_INFERBATCH']._serialized_start=772
-  _globals['_INFERBATCH']._serialized_end=802
-  _globals['_INFERBATCHRESPONSE']._serialized_start=804
-  _globals['_INFERBATCHRESPONSE']._serialized_end=843
-  _globals['_MESHADMIN']._serialized_start=846
-  _globals['_MESHADMIN']._serialized_end=1244
-  _globals['_WORKERHOP']._serialized_start=1246
-  _globals['_WORKERHOP']._serialized_end=1338
+  _globals['_INFERBATCH']._serialized_end=821
+  _globals['_INFERBATCHRESPONSE']._serialized_start=823
+  _globals['_INFERBATCHRESPONSE']._serialized_end=862
+  _globals['_MESHADMIN']._serialized_start=865
+  _globals['_MESHADMIN']._serialized_end=1263
+  _globals['_WORKERHOP']._serialized_start=1265
+  _globals['_WORKERHOP']._serialized_end=1357
 # @@protoc_insertion_point(module_scope)

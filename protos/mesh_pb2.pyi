@@ -101,10 +101,12 @@ class DrainWorkerResponse(_message.Message):
     def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
 
 class InferBatch(_message.Message):
-    __slots__ = ("requests",)
+    __slots__ = ("requests", "cancelled")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, requests: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    cancelled: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, requests: _Optional[_Iterable[bytes]] = ..., cancelled: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InferBatchResponse(_message.Message):
     __slots__ = ("responses",)

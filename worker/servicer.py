@@ -135,13 +135,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, mesh_pb2_grpc.Work
         closing = self.engine.draining
         tasks: set[asyncio.Task[None]] = set()
 
+        by_id: dict[str, asyncio.Task[None]] = {}
+
         def finish() -> None:
             nonlocal closing
             closing = True
             wake.set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            reply = await self.engine.infer_streamed(request)
+            nonlocal outstanding
+            try:
+                reply = await self.engine.infer_streamed(request)
+            except asyncio.CancelledError:
+                # The gateway gave up on it: no answer, and nothing left to wait for.
+                outstanding -= 1
+                wake.set()
+                raise
+            finally:
+                by_id.pop(request.id, None)
             ready.append(reply.SerializeToString())
             wake.set()
 
@@ -160,6 +171,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, mesh_pb2_grpc.Work
                         task = asyncio.create_task(answer(request))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
+                        by_id[request.id] = task
+                    for hop_id in batch.cancelled:
+                        cancelled = by_id.pop(hop_id, None)
+                        if cancelled is not None:
+                            cancelled.cancel()
             finally:
                 finish()
 

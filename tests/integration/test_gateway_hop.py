@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import service_pb2
+from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub as triton_service_stub
 
 from gateway import wire
 from gateway.upstream import Upstream, UpstreamOptions
@@ -80,6 +82,43 @@ async def test_a_request_given_up_leaves_its_stream_working(demo_repository: Pat
         await upstream.close()
     assert head.error_message == "" and again.error_message == ""
     assert given_up.cancelled()
+
+
+async def in_flight(channel: grpc.aio.Channel) -> int:
+    """The worker's in-flight count, from the load report a refused probe carries."""
+    stub = triton_service_stub(channel)
+    call = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="probe"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    return int(dict(await call.trailing_metadata())["meshserve-in-flight"])
+
+
+async def test_requests_given_up_are_dropped_by_the_worker(demo_repository: Path, processes: ProcessGroup) -> None:
+    # 5 s of injected latency: without a cancel on the hop the worker would hold all four for 5 s.
+    _, address = processes.worker(demo_repository, "--host", "127.0.0.1", "--inject-latency-ms", "5000")
+    x = np.ones((1, 64), np.float32)
+    upstream = Upstream(address, UpstreamOptions(streams=1))
+    try:
+        tasks = [
+            asyncio.create_task(upstream.infer(request("digits", x, f"r{i}").SerializeToString(), b"", 30))
+            for i in range(3)
+        ]
+        timed_out = asyncio.create_task(upstream.infer(request("digits", x, "t").SerializeToString(), b"", 0.5))
+        async with grpc.aio.insecure_channel(address) as channel:
+            await until_in_flight(channel, 4)
+            tasks[0].cancel()  # as a client cancelling or a losing hedge would
+            tasks[1].cancel()
+            with pytest.raises(TimeoutError):
+                await timed_out  # its deadline passed in the gateway
+            for _ in range(100):
+                if await in_flight(channel) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert await in_flight(channel) == 1  # only the request somebody still waits for
+        head = await asyncio.wait_for(tasks[2], 30)
+    finally:
+        await upstream.close()
+    assert head.error_message == ""
 
 
 async def test_requests_in_flight_on_a_killed_worker_fail_over(

@@ -177,3 +177,10 @@ def test_batch_header_uses_multi_byte_lengths() -> None:
 def test_batch_entries_refuse_a_non_bytes_entry() -> None:
     with pytest.raises(wire.WireError):
         wire.batch_entries(b"\x08\x01")
+
+
+def test_a_cancel_entry_is_an_inferbatch_cancelled_id() -> None:
+    message = wire.batch_entry_header(3) + b"abc" + wire.cancel_entry(b"1f") + wire.cancel_entry(b"20")
+    parsed = mesh_pb2.InferBatch.FromString(message)
+    assert list(parsed.requests) == [b"abc"]
+    assert list(parsed.cancelled) == ["1f", "20"]
