@@ -19,6 +19,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from meshserve.protowire import encode_varint
+
 # Field numbers shared by ModelInferRequest and ModelInferResponse.
 _MODEL_NAME = 1
 _MODEL_VERSION = 2
@@ -44,9 +46,6 @@ _WIRE_LEN = 2
 _WIRE_FIXED32 = 5
 
 ParamValue = bool | int | str | float
-
-
-_SMALL = [bytes((n,)) for n in range(0x80)]
 
 
 class WireError(ValueError):
@@ -160,21 +159,8 @@ def scan_request(data: bytes) -> RequestHead:
         raise WireError("model name or version is not UTF-8") from exc
 
 
-def _encode_varint(value: int) -> bytes:
-    if 0 <= value < 0x80:
-        return _SMALL[value]
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _len_field(field: int, payload: bytes) -> bytes:
-    return _encode_varint(field << 3 | _WIRE_LEN) + _encode_varint(len(payload)) + payload
+    return encode_varint(field << 3 | _WIRE_LEN) + encode_varint(len(payload)) + payload
 
 
 def encode_id(request_id: bytes) -> bytes:
@@ -184,9 +170,9 @@ def encode_id(request_id: bytes) -> bytes:
 
 def _encode_param_value(value: ParamValue) -> bytes:
     if isinstance(value, bool):
-        return _encode_varint(_BOOL_PARAM << 3 | _WIRE_VARINT) + _encode_varint(int(value))
+        return encode_varint(_BOOL_PARAM << 3 | _WIRE_VARINT) + encode_varint(int(value))
     if isinstance(value, int):
-        return _encode_varint(_INT64_PARAM << 3 | _WIRE_VARINT) + _encode_varint(value)
+        return encode_varint(_INT64_PARAM << 3 | _WIRE_VARINT) + encode_varint(value)
     if isinstance(value, str):
         return _len_field(_STRING_PARAM, value.encode())
     raise TypeError(f"unsupported parameter type {type(value).__name__}")
@@ -205,9 +191,9 @@ def parameter_key(key: str) -> bytes:
 
 def encode_int64_parameter(key_field: bytes, value: int) -> bytes:
     """An int64 `parameters` entry (per-request deadline) from a key prepared by `parameter_key`."""
-    value_bytes = b"\x10" + _encode_varint(value)
+    value_bytes = b"\x10" + encode_varint(value)
     entry = key_field + b"\x12" + bytes((len(value_bytes),)) + value_bytes
-    return b"\x22" + _encode_varint(len(entry)) + entry
+    return b"\x22" + encode_varint(len(entry)) + entry
 
 
 def _decode_param_value(data: bytes, start: int, end: int) -> ParamValue | None:
@@ -303,12 +289,12 @@ def encode_stream_error(message: str, request_id: bytes) -> bytes:
 
 def batch_entry_header(length: int) -> bytes:
     """What precedes one `length`-byte message in an `InferBatch` (or `InferBatchResponse`)."""
-    return _BATCH_ENTRY_TAG + _encode_varint(length)
+    return _BATCH_ENTRY_TAG + encode_varint(length)
 
 
 def cancel_entry(hop_id: bytes) -> bytes:
     """An `InferBatch.cancelled` entry: the worker drops the request with this hop id."""
-    return _CANCEL_TAG + _encode_varint(len(hop_id)) + hop_id
+    return _CANCEL_TAG + encode_varint(len(hop_id)) + hop_id
 
 
 def batch_entries(data: bytes) -> list[tuple[int, int]]:

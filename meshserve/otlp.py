@@ -43,6 +43,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.span import TraceState
 
+from meshserve.protowire import encode_varint
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -68,25 +70,10 @@ _U64 = (1 << 64) - 1
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 
-# One-byte varints cover nearly every length and count; a table lookup is
-# several times cheaper than the general loop below.
-_SMALL_VARINTS: tuple[bytes, ...] = tuple(bytes((n,)) for n in range(128))
-
-
-def _varint(value: int) -> bytes:
-    if value < 128:
-        return _SMALL_VARINTS[value]
-    out = bytearray()
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
 
 def _len_field(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: tag, varint length, payload."""
-    return tag + _varint(len(payload)) + payload
+    return tag + encode_varint(len(payload)) + payload
 
 
 # Span: trace_id (1) and span_id (2) as one big-endian pack of the two ints.
@@ -147,7 +134,7 @@ def _key_prefix(key: str) -> bytes:
     prefix = _key_cache.get(key)
     if prefix is None:
         encoded = key.encode()
-        prefix = (b"\x0a" + _varint(len(encoded)) + encoded if encoded else b"") + b"\x12"
+        prefix = (b"\x0a" + encode_varint(len(encoded)) + encoded if encoded else b"") + b"\x12"
         if len(_key_cache) >= _CACHE_LIMIT:
             _key_cache.clear()
         _key_cache[key] = prefix
@@ -164,13 +151,13 @@ def _any_value(value: Any) -> bytes:
     kind = type(value)
     if kind is str:
         encoded = value.encode()
-        return b"\x0a" + _varint(len(encoded)) + encoded
+        return b"\x0a" + encode_varint(len(encoded)) + encoded
     if kind is bool:
         return b"\x10\x01" if value else b"\x10\x00"
     if kind is int:
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise _UnsupportedValue(f"integer {value} is out of the int64 range")
-        return b"\x18" + _varint(value & _U64)
+        return b"\x18" + encode_varint(value & _U64)
     if kind is float:
         return b"\x21" + _DOUBLE.pack(value)
     # Subclasses and the rarer types: same order of checks as the SDK encoder.
@@ -200,7 +187,7 @@ def _any_value(value: Any) -> bytes:
 def _key_value(key: str, value: Any) -> bytes:
     """The serialized `KeyValue` message (without its own tag and length)."""
     any_value = _any_value(value)
-    return _key_prefix(key) + _varint(len(any_value)) + any_value
+    return _key_prefix(key) + encode_varint(len(any_value)) + any_value
 
 
 def _attribute_fields(attributes: Iterable[tuple[str, Any]], tag: bytes, out: list[bytes]) -> None:
@@ -216,7 +203,7 @@ def _attribute_fields(attributes: Iterable[tuple[str, Any]], tag: bytes, out: li
                 encoded = _str_attribute_cache.get(cache_key)
                 if encoded is None:
                     kv = _key_value(key, value)
-                    encoded = _varint(len(kv)) + kv
+                    encoded = encode_varint(len(kv)) + kv
                     if len(_str_attribute_cache) >= _CACHE_LIMIT:
                         _str_attribute_cache.clear()
                     _str_attribute_cache[cache_key] = encoded
@@ -225,7 +212,7 @@ def _attribute_fields(attributes: Iterable[tuple[str, Any]], tag: bytes, out: li
             else:
                 kv = _key_value(key, value)
                 out.append(tag)
-                out.append(_varint(len(kv)))
+                out.append(encode_varint(len(kv)))
                 out.append(kv)
         except (_UnsupportedValue, UnicodeError) as error:
             logger.warning("not exporting span attribute %r: %s", key, error)
@@ -266,7 +253,7 @@ def _event_field(event: Event) -> bytes:
     _attribute_fields(_items(event.attributes), _EVENT_ATTRIBUTE, parts)
     dropped = event.dropped_attributes
     if dropped:
-        parts.append(b"\x20" + _varint(dropped))
+        parts.append(b"\x20" + encode_varint(dropped))
     return _len_field(b"\x5a", b"".join(parts))
 
 
@@ -281,7 +268,7 @@ def _link_field(link: Link) -> bytes:
     _attribute_fields(_items(link.attributes), _LINK_ATTRIBUTE, parts)
     dropped = link.dropped_attributes
     if dropped:
-        parts.append(b"\x28" + _varint(dropped))
+        parts.append(b"\x28" + encode_varint(dropped))
     parts.append(_LINK_FLAGS_REMOTE if link_context.is_remote else _LINK_FLAGS_LOCAL)
     return _len_field(b"\x6a", b"".join(parts))
 
@@ -322,7 +309,7 @@ def encode_span(span: ReadableSpan) -> bytes:
     _attribute_fields(_items(span.attributes if attributes is None else attributes), _SPAN_ATTRIBUTE, out)
     dropped = span.dropped_attributes
     if dropped:
-        out.append(b"\x50" + _varint(dropped))
+        out.append(b"\x50" + encode_varint(dropped))
     # Likewise `events` and `links` copy the SDK's lists into new tuples under
     # a lock (~0.4 us each) just to find them empty in the common case.
     events = getattr(span, "_events", None)
@@ -332,7 +319,7 @@ def encode_span(span: ReadableSpan) -> bytes:
         out.extend(_event_field(event) for event in events)
         dropped = span.dropped_events
         if dropped:
-            out.append(b"\x60" + _varint(dropped))
+            out.append(b"\x60" + encode_varint(dropped))
     links = getattr(span, "_links", None)
     if links is None:
         links = span.links
@@ -340,7 +327,7 @@ def encode_span(span: ReadableSpan) -> bytes:
         out.extend(_link_field(link) for link in links)
         dropped = span.dropped_links
         if dropped:
-            out.append(b"\x70" + _varint(dropped))
+            out.append(b"\x70" + encode_varint(dropped))
     out.append(_status_field(span.status))
     out.append(flags)
     return b"".join(out)
@@ -424,7 +411,7 @@ class RequestEncoder:
             parts = [head]
             for encoded in encoded_spans:
                 parts.append(b"\x12")  # ScopeSpans.spans = 2
-                parts.append(_varint(len(encoded)))
+                parts.append(encode_varint(len(encoded)))
                 parts.append(encoded)
             parts.append(tail)
             scope_fields.append(_len_field(b"\x12", b"".join(parts)))  # ResourceSpans.scope_spans = 2
