@@ -15,8 +15,7 @@ TRANSPORT_MODEL = "mlp784"
 COMPUTE_MODEL = "cnn"
 WORKER, MESH, TRITON, MESH_TRACED = "worker", "mesh", "triton", "mesh+tracing"
 BARE_PROXY = "bare-proxy"  # bench/bare_proxy.py in front of the worker: the floor of a grpc.aio hop
-MESH_PYTHON_GC = "mesh-python-gc"  # `--gc-ab`: the same mesh with Python's default gc threshold
-PEER_ORDER = (WORKER, BARE_PROXY, MESH, MESH_PYTHON_GC, MESH_TRACED, TRITON)
+PEER_ORDER = (WORKER, BARE_PROXY, MESH, MESH_TRACED, TRITON)
 
 
 @dataclass(frozen=True)
@@ -154,19 +153,6 @@ def targets(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> lis
     ]
 
 
-def gc_lines(table: dict[tuple[str, str, int], Cell], top: int) -> list[str]:
-    """`--gc-ab`: what meshserve.gctune's threshold buys, the same mesh with and without it."""
-    ratio = _ratio(table, TRANSPORT_MODEL, MESH, MESH_PYTHON_GC, top)
-    if ratio is None:
-        return []
-    return [
-        f"Garbage collection (`--gc-ab`): the mesh with `MESHSERVE_GC_GEN0_THRESHOLD` at its default serves "
-        f"{ratio:.2f}x the requests per second of the same mesh with Python's threshold "
-        f"(`MESHSERVE_GC_GEN0_THRESHOLD=0`), {TRANSPORT_MODEL} at c={top}.",
-        "",
-    ]
-
-
 def floor_lines(points: list[dict[str, Any]]) -> list[str]:
     """The gateway's hop next to the bare grpc.aio proxy's, both measured against the same worker in each round."""
     bare = paired_p50_overhead(points, TRANSPORT_MODEL, front=BARE_PROXY)
@@ -266,7 +252,6 @@ def render_markdown(run: dict[str, Any]) -> str:
         *(t.row() for t in targets(run, table)),
         "",
         *floor_lines(run["points"]),
-        *gc_lines(table, max(settings["concurrency"])),
     ]
     models = sorted({key[0] for key in table}, key=lambda m: (m != TRANSPORT_MODEL, m))
     for model in models:

@@ -46,7 +46,6 @@ from bench.report import (
     BARE_PROXY,
     COMPUTE_MODEL,
     MESH,
-    MESH_PYTHON_GC,
     MESH_TRACED,
     TRANSPORT_MODEL,
     TRITON,
@@ -101,9 +100,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tracing", action="store_true", help="skip the traced mesh (issue 6)")
     parser.add_argument(
         "--no-bare-proxy", action="store_true", help="skip the bare grpc.aio proxy peer (the hop's floor)"
-    )
-    parser.add_argument(
-        "--gc-ab", action="store_true", help="add the same mesh with Python's default gc threshold (gctune's A/B)"
     )
     parser.add_argument("--no-triton", action="store_true", help="skip Triton (when nvidia-pytriton is missing)")
     parser.add_argument(
@@ -353,11 +349,8 @@ class Bench:
         return points
 
     def _peers_for(self, model: str) -> list[Peer]:
-        # Tracing cost (issue 6) and the gc A/B are measured on the transport-bound model only.
-        transport_only = (MESH_TRACED, MESH_PYTHON_GC)
-        return [
-            p for p in self.peers if model in p.models and (p.name not in transport_only or model == TRANSPORT_MODEL)
-        ]
+        # Tracing cost (issue 6) is measured on the transport-bound model only.
+        return [p for p in self.peers if model in p.models and (p.name != MESH_TRACED or model == TRANSPORT_MODEL)]
 
     async def _point(
         self, peer: Peer, model: str, feeds: dict[str, np.ndarray], concurrency: int, round_index: int
@@ -434,9 +427,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     triton = bench.start_triton()
                 except OSError as exc:
                     bench.notes.append(f"Triton could not be started ({args.triton_python}): {exc}")
-            if args.gc_ab:
-                _, python_gc = bench.start_mesh(MESH_PYTHON_GC, env={"MESHSERVE_GC_GEN0_THRESHOLD": "0"})
-                bench.peers.append(python_gc)
             if not args.no_tracing:
                 receiver_port = free_port()
                 receiver = children.start(

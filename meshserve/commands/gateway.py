@@ -43,7 +43,7 @@ def gateway(
 
     from gateway.server import PortInUse
     from gateway.settings import GatewaySettings
-    from meshserve import gctune, logs, telemetry
+    from meshserve import logs, telemetry
     from meshserve.settings import load
 
     try:
@@ -67,7 +67,6 @@ def gateway(
         typer.echo(f"invalid gateway settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
     logs.configure("gateway", settings.log_level)
-    gctune.tune_for_serving()
     telemetry.configure_tracing("gateway")
     children = _spawn_siblings(settings) if settings.processes > 1 else []
     try:
@@ -131,7 +130,7 @@ async def _serve(settings: GatewaySettings) -> None:
     import signal
 
     from gateway.server import Gateway
-    from meshserve import __version__, gctune, telemetry
+    from meshserve import __version__, telemetry
 
     registry = telemetry.process_registry()
     gateway = Gateway(settings, metrics_registry=registry, version=__version__)
@@ -144,7 +143,6 @@ async def _serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     try:
         await gateway.start()
-        gctune.freeze_startup_objects()
         await stopping.wait()
     finally:
         await gateway.stop()

@@ -47,7 +47,7 @@ def worker(
 
     from pydantic import ValidationError
 
-    from meshserve import gctune, logs, telemetry
+    from meshserve import logs, telemetry
     from meshserve.settings import load
     from worker.settings import WorkerSettings
 
@@ -75,7 +75,6 @@ def worker(
         typer.echo(f"invalid worker settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
     logs.configure("worker", settings.log_level)
-    gctune.tune_for_serving()
     tracing = telemetry.configure_tracing("worker")
     try:
         asyncio.run(_serve(settings, tracing))
@@ -87,7 +86,6 @@ def worker(
 
 
 async def _serve(settings: WorkerSettings, tracing: bool) -> None:
-    from meshserve import gctune
     from worker.server import WorkerServer
 
     server = WorkerServer(settings, tracing=tracing)
@@ -97,5 +95,4 @@ async def _serve(settings: WorkerSettings, tracing: bool) -> None:
     except BaseException:
         await server.close()
         raise
-    gctune.freeze_startup_objects()
     await server.wait_stopped()

@@ -111,13 +111,3 @@ def test_bare_proxy_floor_is_reported_next_to_the_gateway_hop() -> None:
     assert "bare grpc.aio byte proxy" in markdown
     assert "adds 0.20 ms p50" in markdown and "adds 0.30 ms" in markdown
     assert "| 1 | bare-proxy | 900 |" in markdown and "| 2.5 |" in markdown
-
-
-def test_gc_ab_is_reported_when_its_peer_ran() -> None:
-    data = full_run()
-    assert "Garbage collection" not in render_markdown(data)
-    for rnd in (0, 1):
-        data["points"].append(point("mesh-python-gc", "mlp784", 32, rnd, 1600, 16))
-    markdown = render_markdown(data)
-    assert "serves 1.25x the requests per second" in markdown
-    assert "| 32 | mesh-python-gc | 1600 |" in markdown
