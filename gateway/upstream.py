@@ -84,16 +84,16 @@ class _Stream:
         A broken stream fails the request's future instead of raising here.
         """
         self._queued += (wire.batch_entry_header(len(request) + len(tail)), request, tail)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set_result(None)
+        self._wake_writer()
 
     def cancel(self, hop_id: bytes) -> None:
         """Tells the worker, with the next write, that nobody waits for `hop_id` any more."""
         if self.broken:
             return
         self._queued.append(wire.cancel_entry(hop_id))
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None

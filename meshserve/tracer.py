@@ -3,11 +3,13 @@
 Why not the SDK's `TracerProvider`: with 100% sampling a request makes about
 five spans across gateway and worker, and creating and ending one SDK span
 costs ~18 us of CPU (per-attribute validation in `BoundedAttributes`, a lock
-per span, a copy into a `ReadableSpan` at the end). On a 2-core box where the
-load generator, gateway and worker share the cores, that alone cost ~12% of
-throughput, more than the whole budget for tracing. `LeanSpan` keeps the
-attributes in a plain dict and hands itself to the span processor when it
-ends; start plus end costs ~4 us.
+per span, a copy into a `ReadableSpan` at the end): ~100 us per request, about
+9% of the whole mesh's CPU on a 2-core box where load generator, gateway and
+worker share the cores, nearly the whole 10% budget for tracing. `LeanSpan`
+keeps the attributes in a plain dict and hands itself to the span processor
+when it ends; start plus end costs ~4 us. Measured: tracing cost 21% of the
+mesh's throughput with SDK spans, 5-14% across runs with these
+(bench/RESULTS.md).
 
 What stays standard: components only use the OpenTelemetry API; the resource
 comes from the SDK (`Resource.create`: `OTEL_SERVICE_NAME`,
@@ -19,7 +21,9 @@ production) through `on_end` with the fields a `ReadableSpan` has. Limits:
 attribute values are not validated when set (the OTLP encoder drops a value
 it cannot encode), and at most `MAX_ATTRIBUTES` attributes, events and links
 are kept per span, the SDK's default limits; `start_as_current_span` returns a
-plain context manager (no decorator form, which nothing here uses).
+plain context manager (no decorator form) and records exceptions as the SDK
+does, while a span from `start_span` used in a `with` block only ends (nothing
+here uses either form).
 """
 
 from __future__ import annotations

@@ -134,8 +134,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, mesh_pb2_grpc.Work
         outstanding = 0
         closing = self.engine.draining
         tasks: set[asyncio.Task[None]] = set()
-
-        by_id: dict[str, asyncio.Task[None]] = {}
+        by_id: dict[str, asyncio.Task[None]] = {}  # by hop id, for the gateway's cancels
 
         def finish() -> None:
             nonlocal closing
