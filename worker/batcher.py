@@ -29,6 +29,7 @@ from worker.errors import InferenceError
 from worker.metrics import ModelMetrics
 from worker.runtime import OnnxModel
 from worker.tensors import encode_output
+from worker.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("meshserve.worker")
@@ -85,6 +86,7 @@ class Batcher:
         self._queue: collections.deque[Job] = collections.deque()
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._wakeup: Wakeup | None = None  # started by the first queue-delay wait
         self.running = 0  # jobs inside ONNX Runtime right now
 
     @property
@@ -101,6 +103,9 @@ class Batcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._wakeup is not None:
+            self._wakeup.close()
+            self._wakeup = None
         _fail(self._queue, InferenceError(grpc.StatusCode.UNAVAILABLE, "model was unloaded"))
         self._queue.clear()
 
@@ -144,18 +149,18 @@ class Batcher:
         loop = asyncio.get_running_loop()
         oldest = self._queue[0]
         until = loop.time() + self.max_delay - (time.time_ns() - oldest.enqueued_ns) / 1e9
+        if self._wakeup is None:
+            self._wakeup = Wakeup(loop, self._arrived.set, name=f"batch-delay {self.model.name}")
         while True:
             rows = sum(job.rows for job in self._queue)
             if rows >= self.max_rows or rows in self.preferred:
                 return
-            remaining = until - loop.time()
-            if remaining <= 0:
+            if until - loop.time() <= 0:
                 return
+            # Woken by a new request or by the deadline (asyncio's own timers would add up to 1 ms).
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return
+            self._wakeup.at(until)
+            await self._arrived.wait()
 
     def _take(self) -> list[Job]:
         """The next batch: the oldest live job and the queued jobs that fit with it."""
