@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import service_pb2
-from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub as triton_service_stub
 
 from gateway import wire
 from gateway.upstream import Upstream, UpstreamOptions
 from loadbalancer.errors import AttemptFailed
 from tests.harness import ProcessGroup
-from tests.integration.test_worker_stream import request, until_in_flight
+from tests.integration.test_worker_stream import in_flight, request, until_in_flight
 
 pytestmark = pytest.mark.integration
 
@@ -82,15 +80,6 @@ async def test_a_request_given_up_leaves_its_stream_working(demo_repository: Pat
         await upstream.close()
     assert head.error_message == "" and again.error_message == ""
     assert given_up.cancelled()
-
-
-async def in_flight(channel: grpc.aio.Channel) -> int:
-    """The worker's in-flight count, from the load report a refused probe carries."""
-    stub = triton_service_stub(channel)
-    call = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="probe"))
-    with pytest.raises(grpc.aio.AioRpcError):
-        await call
-    return int(dict(await call.trailing_metadata())["meshserve-in-flight"])
 
 
 async def test_requests_given_up_are_dropped_by_the_worker(demo_repository: Path, processes: ProcessGroup) -> None:

@@ -60,15 +60,21 @@ class Stream:
         return replies
 
 
+async def in_flight(channel: grpc.aio.Channel) -> int:
+    """The requests the worker holds, read from the load report that even a refused call carries
+    (a request for an unknown model is refused at once and is not counted itself)."""
+    call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+        service_pb2.ModelInferRequest(model_name="probe")
+    )
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    return int(dict(await call.trailing_metadata())["meshserve-in-flight"])
+
+
 async def until_in_flight(channel: grpc.aio.Channel, count: int) -> None:
-    """Waits until the worker holds `count` requests, read from the load report that even a refused
-    call carries (a request for an unknown model is refused at once and is not counted itself)."""
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    """Waits until the worker holds at least `count` requests."""
     for _ in range(200):
-        call = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="probe"))
-        with pytest.raises(grpc.aio.AioRpcError):
-            await call
-        if int(dict(await call.trailing_metadata())["meshserve-in-flight"]) >= count:
+        if await in_flight(channel) >= count:
             return
         await asyncio.sleep(0.02)
     raise TimeoutError(f"the worker never held {count} requests")

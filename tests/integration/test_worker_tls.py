@@ -3,8 +3,6 @@ its client certificate (`--worker-tls-*`); callers without a certificate are ref
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +12,11 @@ import trustme
 from tritonclient.utils import InferenceServerException
 
 from tests.harness import ProcessGroup, free_port, wait_until
+from tests.integration.test_worker_registration import passing_workers
 
 pytestmark = pytest.mark.integration
 
 API_KEY = "tls-test-key"
-
-
-def passing_workers(registry_url: str) -> list[dict]:
-    http = registry_url.replace("consul://", "http://")
-    with urllib.request.urlopen(f"{http}/v1/health/service/meshserve-worker?passing", timeout=5) as reply:
-        return json.load(reply)
 
 
 def infer_digits(client: triton.InferenceServerClient, **kwargs: object) -> np.ndarray:
