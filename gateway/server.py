@@ -28,6 +28,7 @@ from gateway.upstream import Upstream, UpstreamOptions
 from loadbalancer.balancer import Balancer, ModelPolicy
 from loadbalancer.metrics import BalancerMetrics
 from loadbalancer.settings import BalancerSettings
+from meshserve.busywait import BusyWait
 from protos import grpc_service_pb2 as pb
 from protos._pool import POOL
 from registry.discovery import KVWatcher, ServiceWatcher
@@ -89,7 +90,9 @@ class Gateway:
             streams=settings.streams_per_worker,
             max_message_bytes=settings.max_message_bytes,
             credentials=worker_credentials(settings),
+            busy_wait_s=settings.hop_busy_wait_us / 1e6,
         )
+        self._busy_wait = BusyWait()  # one event loop: one count of who is waiting on it
         self.balancer_settings = balancer_settings or BalancerSettings()
         self.balancer = Balancer(self.balancer_settings, self._connect, metrics=BalancerMetrics(registry))
         self.routes = RouteTable(self.balancer.versions)
@@ -111,7 +114,7 @@ class Gateway:
         self.port = 0
 
     def _connect(self, instance: ServiceInstance) -> Upstream:
-        return Upstream(instance.target, self._upstream_options)
+        return Upstream(instance.target, self._upstream_options, self._busy_wait)
 
     def _load_auth(self) -> None:
         settings = self.settings

@@ -30,6 +30,10 @@ class GatewaySettings(MeshSettings):
     processes: int = 1
     # Long-lived ModelStreamInfer streams per worker; requests are multiplexed over them.
     streams_per_worker: int = 2
+    # Before each message on a worker stream, the longest wait for requests this
+    # gateway is still receiving (only while its event loop has work ready; never
+    # on an idle gateway): under load they share one message. 0 turns it off.
+    hop_busy_wait_us: int = 2000
     # Used when the client sets no deadline; the hop always carries one.
     default_timeout_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024

@@ -6,11 +6,13 @@ pool of long-lived `meshserve.v1.WorkerHop/InferStream` streams. Each request
 gets a hop id (appended to its bytes); the worker echoes it, and a reader task
 per stream hands each response to the request waiting for that id.
 
-Per stream, a writer task sends the first queued request at once in its own
-message; the requests that arrive while that write is in flight go out
-together, in one `InferBatch`, as soon as it completes (no added wait at low
-load, one message per write under load). The worker coalesces its responses
-the same way.
+Per stream, a writer task sends what is queued as one `InferBatch`. Before a
+write it lets the gateway's event loop run whatever else is ready
+(`meshserve.busywait`, at most `busy_wait_s`): under load that is mostly
+other requests on their way to this stream, so they share the message; on an
+idle gateway nothing is ready and the request goes out at once. Requests that
+arrive while a write is in flight go out together when it completes. The
+worker coalesces its responses the same way.
 
 A request whose caller gives up (cancelled, or its deadline passed) is named
 in the next message's `cancelled` list, so the worker drops it rather than
@@ -34,6 +36,7 @@ import grpc
 
 from gateway import wire
 from loadbalancer.errors import AttemptFailed
+from meshserve.busywait import BusyWait
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +53,16 @@ _CHANNEL_OPTIONS = [
 _WRITE_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError)
 
 
+# Requests per InferBatch at most, however busy the loop: bounds one message's size and wait.
+MAX_ENTRIES_PER_MESSAGE = 64
+
+
 @dataclass(frozen=True)
 class UpstreamOptions:
     streams: int = 2
     max_message_bytes: int = 64 * 1024 * 1024
     credentials: grpc.ChannelCredentials | None = None  # mTLS to workers; None: plaintext
+    busy_wait_s: float = 0.0  # the longest a write waits for requests the gateway is still receiving
 
 
 class _Stream:
@@ -69,8 +77,9 @@ class _Stream:
         # cancels the whole call: so requests never write themselves (a client
         # that gives up must not fail the stream's other requests). They queue
         # their envelope parts; the writer sends each accumulation as one message.
-        self.writing = False
+        self.writing = False  # a message is being formed or written: new requests join the next one
         self._queued: list[bytes] = []
+        self._entries = 0  # requests in _queued
         self._wakeup: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         # Fresh contexts: these tasks outlive the request that opened the stream and must not carry its span.
@@ -84,6 +93,7 @@ class _Stream:
         A broken stream fails the request's future instead of raising here.
         """
         self._queued += (wire.batch_entry_header(len(request) + len(tail)), request, tail)
+        self._entries += 1
         self._wake_writer()
 
     def cancel(self, hop_id: bytes) -> None:
@@ -99,9 +109,14 @@ class _Stream:
             self._wakeup = None
             wakeup.set_result(None)
 
+    def _full(self) -> bool:
+        return self._entries >= MAX_ENTRIES_PER_MESSAGE
+
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
         queued = self._queued
+        upstream = self._upstream
+        busy_wait_s = upstream.options.busy_wait_s
         try:
             while True:
                 if not queued:
@@ -110,8 +125,11 @@ class _Stream:
                     await self._wakeup
                     continue
                 self.writing = True
+                if busy_wait_s:
+                    await upstream.busy_wait.while_busy(loop.time() + busy_wait_s, self._full)
                 message = b"".join(queued)
                 queued.clear()
+                self._entries = 0
                 await self.call.write(message)
         except _WRITE_ERRORS as exc:
             self._break(f"could not send to worker {self._upstream.target}: {_describe(exc)}")
@@ -168,9 +186,10 @@ class _Stream:
 class Upstream:
     """What the gateway's connector returns for an endpoint (the balancer's `Connection`)."""
 
-    def __init__(self, target: str, options: UpstreamOptions | None = None) -> None:
+    def __init__(self, target: str, options: UpstreamOptions | None = None, busy_wait: BusyWait | None = None) -> None:
         self.target = target
         self.options = options or UpstreamOptions()
+        self.busy_wait = busy_wait or BusyWait()  # the gateway shares one among all its upstreams
         channel_options = [
             *_CHANNEL_OPTIONS,
             ("grpc.max_send_message_length", self.options.max_message_bytes),

@@ -7,6 +7,12 @@ one batch runs, the next one forms. A model whose largest batch runs in
 microseconds runs on the event loop's thread instead (`OnnxModel.runs_inline`):
 the hand-off to a thread and back costs more than the run. A batch that fails is retried request by
 request, so one bad request never fails its neighbours.
+
+Without a queue delay, a batch still waits while the event loop has other
+work ready (`_wait_while_receiving`, `meshserve.busywait`): under load that
+work is mostly the next requests arriving, so the batch takes them along
+instead of leaving at size 1. On an idle worker nothing is ready and the
+request runs at once.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
+from meshserve.busywait import BusyWait
 from worker.errors import InferenceError
 from worker.metrics import ModelMetrics
 from worker.runtime import OnnxModel
@@ -73,15 +80,24 @@ def _fail(jobs: Iterable[Job], error: InferenceError) -> None:
 
 
 class Batcher:
-    def __init__(self, model: OnnxModel, executor: Executor, metrics: ModelMetrics, tracing: bool = False) -> None:
+    def __init__(
+        self,
+        model: OnnxModel,
+        executor: Executor,
+        metrics: ModelMetrics,
+        tracing: bool = False,
+        busy_wait: BusyWait | None = None,
+    ) -> None:
         self.model = model
         self.executor = executor
         self.metrics = metrics
         self.tracing = tracing
+        self.busy_wait = busy_wait or BusyWait()
         config = model.config
         self.max_rows = model.max_batch_size if model.batchable else 1
         self.max_queue_size = config.max_queue_size
         self.max_delay = config.max_queue_delay_us / 1e6
+        self.max_busy_wait = config.max_busy_wait_us / 1e6 if self.max_rows > 1 else 0.0
         self.preferred = config.preferred_batch_sizes if model.batchable else []
         self._queue: collections.deque[Job] = collections.deque()
         self._arrived = asyncio.Event()
@@ -129,6 +145,8 @@ class Batcher:
                 await self._arrived.wait()
             if self.max_delay:
                 await self._wait_for_more()
+            elif self.max_busy_wait:
+                await self._wait_while_receiving()
             batch = self._take()
             self.metrics.queue_depth.set(len(self._queue))
             if not batch:
@@ -161,6 +179,15 @@ class Batcher:
             self._arrived.clear()
             self._wakeup.at(until)
             await self._arrived.wait()
+
+    async def _wait_while_receiving(self) -> None:
+        """Lets the requests the worker is receiving right now join this batch (`meshserve.busywait`)."""
+        until = asyncio.get_running_loop().time() + self.max_busy_wait
+        until -= (time.time_ns() - self._queue[0].enqueued_ns) / 1e9  # from the oldest request's arrival
+        await self.busy_wait.while_busy(until, self._full)
+
+    def _full(self) -> bool:
+        return sum(job.rows for job in self._queue) >= self.max_rows
 
     def _take(self) -> list[Job]:
         """The next batch: the oldest live job and the queued jobs that fit with it."""

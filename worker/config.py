@@ -44,6 +44,11 @@ class ModelConfig(BaseModel):
     # With the greedy batcher batches form while ONNX Runtime runs, so waiting
     # for more requests only adds latency on an idle worker: 0 by default.
     max_queue_delay_us: int = Field(default=0, ge=0)
+    # With no queue delay, a batch still waits for requests the worker is
+    # receiving right now (its event loop has work queued), never on an idle
+    # worker, and at most this long. Under load a microsecond model then runs
+    # and answers in bursts instead of one request at a time; 0 turns it off.
+    max_busy_wait_us: int = Field(default=2000, ge=0)
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     # Requests waiting for a batch; beyond this, RESOURCE_EXHAUSTED at once.
     max_queue_size: int = Field(default=1024, ge=1)

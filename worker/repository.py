@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from meshserve.busywait import BusyWait
 from worker.batcher import Batcher
 from worker.config import ConfigError, ModelConfig, load_model_config
 from worker.errors import InferenceError
@@ -67,6 +68,7 @@ class ModelRepository:
         self._providers: list[str] | None = None
         # Versions being unloaded: still answering, no longer advertised (see unload_version).
         self._retiring: set[tuple[str, int]] = set()
+        self._busy_wait = BusyWait()  # shared by every batcher of this worker (one event loop)
 
     # -- what is served --------------------------------------------------
 
@@ -149,7 +151,9 @@ class ModelRepository:
         if self._providers is None:
             self._providers = await loop.run_in_executor(self.executor, usable_providers)
         model = await loop.run_in_executor(self.executor, self._open, name, version, path, config, self._providers)
-        batcher = Batcher(model, self.executor, self.metrics.for_model(name), tracing=self.tracing)
+        batcher = Batcher(
+            model, self.executor, self.metrics.for_model(name), tracing=self.tracing, busy_wait=self._busy_wait
+        )
         batcher.start()
         previous = self._models.setdefault(name, {}).get(version)
         self._models[name][version] = ServedModel(model, batcher)

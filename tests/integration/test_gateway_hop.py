@@ -140,3 +140,44 @@ async def test_requests_in_flight_on_a_killed_worker_fail_over(
     for probabilities in results:
         np.testing.assert_allclose(probabilities, results[0], rtol=1e-5)
     assert "failing over" in gateway.output()
+
+
+async def _staggered_over_one_stream(address: str, busy_wait_s: float, count: int) -> tuple[list[bytes], list[str]]:
+    """`count` requests starting one gateway loop iteration apart on one stream; the messages written, the answers."""
+    x = np.ones((1, 64), np.float32)
+    upstream = Upstream(address, UpstreamOptions(streams=1, busy_wait_s=busy_wait_s))
+    try:
+        await upstream.infer(request("digits", x, "opens").SerializeToString(), b"", 30)
+        stream = upstream._streams[0]
+        written: list[bytes] = []
+        write = stream.call.write
+
+        async def recording_write(message: bytes) -> None:
+            written.append(message)
+            await write(message)
+
+        stream.call.write = recording_write  # type: ignore[method-assign]
+
+        async def one(i: int) -> wire.ResponseHead:
+            for _ in range(i):
+                await asyncio.sleep(0)
+            return await upstream.infer(request("digits", x, f"r{i}").SerializeToString(), b"", 30)
+
+        heads = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), 30)
+    finally:
+        await upstream.close()
+    return written, [head.error_message for head in heads]
+
+
+async def test_requests_arriving_while_the_gateway_is_busy_share_one_message(
+    demo_repository: Path, processes: ProcessGroup
+) -> None:
+    _, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    written, errors = await _staggered_over_one_stream(address, busy_wait_s=5.0, count=8)
+    assert errors == [""] * 8
+    assert len(written) == 1
+    assert len(list(wire.batch_entries(written[0]))) == 8
+
+    written, errors = await _staggered_over_one_stream(address, busy_wait_s=0.0, count=8)
+    assert errors == [""] * 8
+    assert len(written) > 1  # without the wait the first request leaves alone

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tests.worker_models import add_model, gather_model, static_model
-from worker.batcher import Batcher, Job
+from worker.batcher import Batcher, Job, JobResult
 from worker.config import ModelConfig
 from worker.errors import InferenceError
 from worker.metrics import WorkerMetrics
@@ -90,6 +91,40 @@ async def test_queue_delay_waits_for_company(tmp_path: Path, executor) -> None: 
     await asyncio.sleep(0.05)  # well inside the delay
     second = batcher.submit(job(np.zeros((1, 4), np.float32)))
     assert [r.batch_size for r in await asyncio.gather(first, second)] == [2, 2]
+    await batcher.stop()
+
+
+async def submitted_one_per_iteration(batcher: Batcher, count: int) -> list[JobResult]:
+    """`count` requests reaching the batcher one event-loop iteration apart, as gRPC delivers them."""
+    futures = []
+    for i in range(count):
+        futures.append(batcher.submit(job(np.full((1, 4), i, np.float32))))
+        await asyncio.sleep(0)
+    return await asyncio.wait_for(asyncio.gather(*futures), 10)
+
+
+async def test_requests_still_arriving_join_the_batch(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(1.0)), executor)
+    results = await submitted_one_per_iteration(batcher, 12)
+    assert [r.batch_size for r in results] == [12] * 12
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.outputs[0], np.full((1, 4), i + 1, np.float32))
+    await batcher.stop()
+
+
+async def test_without_the_busy_wait_they_leave_one_by_one(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(1.0), max_busy_wait_us=0), executor)
+    results = await submitted_one_per_iteration(batcher, 12)
+    assert max(r.batch_size for r in results) < 12
+    await batcher.stop()
+
+
+async def test_a_lone_request_on_an_idle_worker_runs_at_once(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(1.0), max_busy_wait_us=10_000_000), executor)
+    started_at = time.monotonic()
+    result = await asyncio.wait_for(batcher.submit(job(np.zeros((1, 4), np.float32))), 5)
+    assert result.batch_size == 1
+    assert time.monotonic() - started_at < 1.0  # not the 10 s the busy wait allows
     await batcher.stop()
 
 
