@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import resource
 import secrets
 import shlex
 import subprocess
@@ -31,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import numpy as np
 
 from bench import bare_ort
 from bench.bare_proxy import READY_LINE as BARE_PROXY_READY
+from bench.measure import Point, measure_point
 from bench.otlp_receiver import READY_LINE as OTLP_READY
 from bench.processes import Child, Children, free_port, wait_until
 from bench.report import (
@@ -54,7 +54,6 @@ from bench.report import (
 )
 from bench.triton_server import READY_LINE as TRITON_READY
 from bench.tritonclient_load import TritonClientLoad, check_outputs_agree
-from meshserve.loadgen import LevelResult
 
 # The worker logs its automatic intra-op thread choice per model version at load.
 WORKER_THREADS_LINE = re.compile(r"model (\S+) version \d+: (\d+) intra-op thread\(s\)(?: x (\d+) instance)?")
@@ -71,21 +70,6 @@ class Peer:
     processes: dict[str, Child]
     api_key: str | None = None
     client: TritonClientLoad | None = None
-
-
-@dataclass
-class Point:
-    """One peer at one concurrency on one model in one round."""
-
-    peer: str
-    model: str
-    concurrency: int
-    round: int
-    result: LevelResult
-    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
-    # The load generator's voluntary context switches per request: how often it had to sleep and be woken
-    # for responses (a server that answers a batch in one burst wakes it less).
-    client_switches_per_request: float | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -356,20 +340,17 @@ class Bench:
         self, peer: Peer, model: str, feeds: dict[str, np.ndarray], concurrency: int, round_index: int
     ) -> Point:
         assert peer.client is not None
-        cpu_before = {name: child.cpu_seconds() for name, child in peer.processes.items()}
-        client_before = time.process_time()
-        switches_before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
-        result = await peer.client.run(model, feeds, concurrency, self.args.duration, self.args.warmup)
-        client_cpu = time.process_time() - client_before
-        switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches_before
-        cpu_after = {name: child.cpu_seconds() for name, child in peer.processes.items()}
-        # CPU spent over warm-up + measured window, per request measured: a per-request cost estimate.
-        per_request = {}
-        completed = max(result.requests, 1) * (self.args.warmup + self.args.duration) / self.args.duration
-        per_request["client"] = client_cpu / completed * 1000.0
-        for name in peer.processes:
-            per_request[name] = (cpu_after[name] - cpu_before[name]) / completed * 1000.0
-        return Point(peer.name, model, concurrency, round_index, result, per_request, switches / completed)
+        return await measure_point(
+            peer.name,
+            peer.client,
+            peer.processes,
+            model,
+            feeds,
+            concurrency,
+            round_index,
+            self.args.duration,
+            self.args.warmup,
+        )
 
 
 def _port_open(port: int) -> bool:
