@@ -100,6 +100,7 @@ class Batcher:
         self.max_busy_wait = config.max_busy_wait_us / 1e6 if self.max_rows > 1 else 0.0
         self.preferred = config.preferred_batch_sizes if model.batchable else []
         self._queue: collections.deque[Job] = collections.deque()
+        self._queued_rows = 0  # rows in _queue, cancelled jobs included until a batch skips them
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup: Wakeup | None = None  # started by the first queue-delay wait
@@ -124,6 +125,7 @@ class Batcher:
             self._wakeup = None
         _fail(self._queue, InferenceError(grpc.StatusCode.UNAVAILABLE, "model was unloaded"))
         self._queue.clear()
+        self._queued_rows = 0
 
     def submit(self, job: Job) -> asyncio.Future[JobResult]:
         """Queues a validated job; RESOURCE_EXHAUSTED at once when the queue is full."""
@@ -134,6 +136,7 @@ class Batcher:
                 f"({self.max_queue_size} requests waiting); retry later or add workers",
             )
         self._queue.append(job)
+        self._queued_rows += job.rows
         self._arrived.set()
         self.metrics.queue_depth.set(len(self._queue))
         return job.future
@@ -170,7 +173,7 @@ class Batcher:
         if self._wakeup is None:
             self._wakeup = Wakeup(loop, self._arrived.set, name=f"batch-delay {self.model.name}")
         while True:
-            rows = sum(job.rows for job in self._queue)
+            rows = self._queued_rows
             if rows >= self.max_rows or rows in self.preferred:
                 return
             if until - loop.time() <= 0:
@@ -187,7 +190,7 @@ class Batcher:
         await self.busy_wait.while_busy(until, self._full)
 
     def _full(self) -> bool:
-        return sum(job.rows for job in self._queue) >= self.max_rows
+        return self._queued_rows >= self.max_rows
 
     def _take(self) -> list[Job]:
         """The next batch: the oldest live job and the queued jobs that fit with it."""
@@ -219,6 +222,7 @@ class Batcher:
         self._queue = leftover
         if self.preferred and rows not in self.preferred:
             self._trim_to_preferred(batch, rows)
+        self._queued_rows = sum(job.rows for job in self._queue)
         return batch
 
     def _trim_to_preferred(self, batch: list[Job], rows: int) -> None:
