@@ -15,7 +15,8 @@ TRANSPORT_MODEL = "mlp784"
 COMPUTE_MODEL = "cnn"
 WORKER, MESH, TRITON, MESH_TRACED = "worker", "mesh", "triton", "mesh+tracing"
 BARE_PROXY = "bare-proxy"  # bench/bare_proxy.py in front of the worker: the floor of a grpc.aio hop
-PEER_ORDER = (WORKER, BARE_PROXY, MESH, MESH_TRACED, TRITON)
+MESH_NO_BUSY_WAIT = "mesh-no-busy-wait"  # the same mesh with the worker's and the gateway's busy waits off
+PEER_ORDER = (WORKER, BARE_PROXY, MESH, MESH_NO_BUSY_WAIT, MESH_TRACED, TRITON)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,22 @@ def floor_lines(points: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def busy_wait_lines(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> list[str]:
+    """What batching while busy (worker `max_busy_wait_us`, gateway `hop_busy_wait_us`) gives the mesh."""
+    ratios = [
+        f"{ratio:.2f}x at c={c}"
+        for c in run["settings"]["concurrency"]
+        if (ratio := _ratio(table, TRANSPORT_MODEL, MESH, MESH_NO_BUSY_WAIT, c)) is not None
+    ]
+    if not ratios:
+        return []
+    return [
+        f"Busy waits (worker batches and gateway hop messages wait for requests already arriving): the mesh "
+        f"/ the same mesh with both off, {TRANSPORT_MODEL}: {', '.join(ratios)}.",
+        "",
+    ]
+
+
 def _fmt(value: float, digits: int = 2) -> str:
     return "-" if value != value else f"{value:.{digits}f}"
 
@@ -252,6 +269,7 @@ def render_markdown(run: dict[str, Any]) -> str:
         *(t.row() for t in targets(run, table)),
         "",
         *floor_lines(run["points"]),
+        *busy_wait_lines(run, table),
     ]
     models = sorted({key[0] for key in table}, key=lambda m: (m != TRANSPORT_MODEL, m))
     for model in models:

@@ -46,12 +46,14 @@ from bench.report import (
     BARE_PROXY,
     COMPUTE_MODEL,
     MESH,
+    MESH_NO_BUSY_WAIT,
     MESH_TRACED,
     TRANSPORT_MODEL,
     TRITON,
     WORKER,
     render_markdown,
 )
+from bench.repository import without_busy_wait
 from bench.triton_server import READY_LINE as TRITON_READY
 from bench.tritonclient_load import TritonClientLoad, check_outputs_agree
 
@@ -84,6 +86,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tracing", action="store_true", help="skip the traced mesh (issue 6)")
     parser.add_argument(
         "--no-bare-proxy", action="store_true", help="skip the bare grpc.aio proxy peer (the hop's floor)"
+    )
+    parser.add_argument(
+        "--no-busy-wait-peer",
+        action="store_true",
+        help="skip the mesh with the worker's and the gateway's busy waits off",
     )
     parser.add_argument("--no-triton", action="store_true", help="skip Triton (when nvidia-pytriton is missing)")
     parser.add_argument(
@@ -167,7 +174,7 @@ class Bench:
 
     # ----- start-up -----
 
-    def start_mesh(self, name: str, env: dict[str, str] | None) -> tuple[Peer, Peer]:
+    def start_mesh(self, name: str, env: dict[str, str] | None, repository: Path | None = None) -> tuple[Peer, Peer]:
         """Registry + workers + gateway with the real CLI; returns (first worker direct, gateway) peers."""
         registry_port = free_port()
         registry = self.children.meshserve(f"{name}-registry", "registry", "--port", str(registry_port), env=env)
@@ -188,7 +195,7 @@ class Bench:
                         f"{name}-worker{index}",
                         "worker",
                         "--model-repository",
-                        str(self.repository),
+                        str(repository or self.repository),
                         "--registry",
                         registry_url,
                         "--port",
@@ -333,8 +340,11 @@ class Bench:
         return points
 
     def _peers_for(self, model: str) -> list[Peer]:
-        # Tracing cost (issue 6) is measured on the transport-bound model only.
-        return [p for p in self.peers if model in p.models and (p.name != MESH_TRACED or model == TRANSPORT_MODEL)]
+        # Tracing cost (issue 6) and the busy waits' gain are measured on the transport-bound model only.
+        transport_only = (MESH_TRACED, MESH_NO_BUSY_WAIT)
+        return [
+            p for p in self.peers if model in p.models and (p.name not in transport_only or model == TRANSPORT_MODEL)
+        ]
 
     async def _point(
         self, peer: Peer, model: str, feeds: dict[str, np.ndarray], concurrency: int, round_index: int
@@ -402,6 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.threads = bench.worker_threads(direct.processes["worker"])
             if not args.no_bare_proxy and TRANSPORT_MODEL in bench.models:
                 bench.peers.append(bench.start_bare_proxy(direct))
+            if not args.no_busy_wait_peer and TRANSPORT_MODEL in bench.models:
+                plain = without_busy_wait(repository, work / "no-busy-wait", [TRANSPORT_MODEL])
+                _, no_busy_wait = bench.start_mesh(
+                    MESH_NO_BUSY_WAIT, env={"MESHSERVE_HOP_BUSY_WAIT_US": "0"}, repository=plain
+                )
+                no_busy_wait.models = (TRANSPORT_MODEL,)  # its repository holds no other model
+                bench.peers.append(no_busy_wait)
             triton = None
             if not args.no_triton:
                 try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import sys
 import tempfile
 import time
@@ -24,13 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from bench import bare_ort
 from bench.floor_server import MODES, ORT_LINE
 from bench.floor_server import READY_LINE as FLOOR_READY
 from bench.measure import Point, measure_point
 from bench.processes import Child, Children, free_port
+from bench.repository import without_busy_wait
 from bench.tritonclient_load import TritonClientLoad
 
 WORKER = "worker"
@@ -47,17 +46,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--markdown", type=Path, default=Path(__file__).parent / "out" / "transport-floor.md")
     return parser.parse_args(argv)
-
-
-def without_busy_wait(repository: Path, model: str, work: Path) -> Path:
-    """A copy of the repository holding only `model`, its config.yaml saying `max_busy_wait_us: 0`."""
-    copy = work / "no-busy-wait"
-    shutil.copytree(repository / model, copy / model)
-    config_path = copy / model / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    config["max_busy_wait_us"] = 0
-    config_path.write_text(yaml.safe_dump(config))
-    return copy
 
 
 def start_worker(children: Children, name: str, repository: Path) -> tuple[str, Child]:
@@ -183,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peers = {
             WORKER: start_worker(children, WORKER, repository),
             WORKER_NO_BUSY_WAIT: start_worker(
-                children, WORKER_NO_BUSY_WAIT, without_busy_wait(repository, args.model, work)
+                children, WORKER_NO_BUSY_WAIT, without_busy_wait(repository, work / "no-busy-wait", [args.model])
             ),
         }
         for mode in MODES:
