@@ -34,6 +34,19 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, inter
     raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so `with Children(...)` stops every child.
+
+    Python's default SIGTERM action ends the process at once; the children,
+    each in its own session, would outlive the run and skew the next one.
+    """
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 class Child:
     """One child process whose stdout and stderr go to `<log_dir>/<name>.log`."""
 

@@ -41,7 +41,7 @@ from bench import bare_ort
 from bench.bare_proxy import READY_LINE as BARE_PROXY_READY
 from bench.measure import Point, measure_point
 from bench.otlp_receiver import READY_LINE as OTLP_READY
-from bench.processes import Child, Children, free_port, wait_until
+from bench.processes import Child, Children, exit_cleanly_on_sigterm, free_port, wait_until
 from bench.report import (
     BARE_PROXY,
     COMPUTE_MODEL,
@@ -390,6 +390,7 @@ async def run_peers(bench: Bench) -> list[Point]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_cleanly_on_sigterm()
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="meshserve-bench-"))
     log_dir = args.log_dir or work / "logs"

@@ -28,7 +28,7 @@ from bench import bare_ort
 from bench.floor_server import MODES, ORT_LINE
 from bench.floor_server import READY_LINE as FLOOR_READY
 from bench.measure import Point, measure_point
-from bench.processes import Child, Children, free_port
+from bench.processes import Child, Children, exit_cleanly_on_sigterm, free_port
 from bench.repository import without_busy_wait
 from bench.tritonclient_load import TritonClientLoad
 
@@ -157,6 +157,7 @@ def render(points: list[Point], model: str, ort_in_server_us: str, ort_isolated_
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_cleanly_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="meshserve-floor-"))
     repository = args.model_repository
     if repository is None:
