@@ -2,6 +2,8 @@
 
     python -m bench.floor_server --mode MODE --model-file model.onnx --port P
 
+The model must have one FP32 input with a batch dimension first (mlp784 does).
+
 Modes, the aio ones each adding one thing to the one before:
 
 - `aio-bytes`: a grpc.aio generic handler answering with fixed response bytes; reads nothing.

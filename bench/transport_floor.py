@@ -1,6 +1,6 @@
 """How close the worker gets to Python gRPC servers that do less: the floors of a transport-bound model.
 
-    python -m bench.transport_floor [--model mlp784] [--concurrency 1,32] [--rounds 3] [--duration 3]
+    python -m bench.transport_floor [--model mlp784] [--concurrency 1,8,32] [--rounds 3] [--duration 3]
 
 Side by side, interleaved like `bench.run_all`, one `tritonclient.grpc.aio`
 client each: the worker (`meshserve worker`, the real CLI), the worker with
@@ -38,9 +38,9 @@ WORKER_NO_BUSY_WAIT = "worker, busy wait off"
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp784")
+    parser.add_argument("--model", default="mlp784", help="a model with one FP32 input (what floor_server runs)")
     parser.add_argument("--model-repository", type=Path, help="default: the demo models, written to a temp dir")
-    parser.add_argument("--concurrency", default="1,32", help="comma-separated levels")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)

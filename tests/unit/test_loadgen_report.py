@@ -111,3 +111,14 @@ def test_bare_proxy_floor_is_reported_next_to_the_gateway_hop() -> None:
     assert "bare grpc.aio byte proxy" in markdown
     assert "adds 0.20 ms p50" in markdown and "adds 0.30 ms" in markdown
     assert "| 1 | bare-proxy | 900 |" in markdown and "| 2.5 |" in markdown
+
+
+def test_busy_wait_gain_is_the_mesh_over_the_same_mesh_without_it() -> None:
+    data = full_run()
+    assert "Busy waits" not in render_markdown(data)  # no such peer in the run: no line
+    for rnd in (0, 1):
+        data["points"].append(point("mesh-no-busy-wait", "mlp784", 1, rnd, 800, 1.3))
+        data["points"].append(point("mesh-no-busy-wait", "mlp784", 32, rnd, 1250, 25))
+    markdown = render_markdown(data)
+    assert "the mesh / the same mesh with both off, mlp784: 1.00x at c=1, 1.60x at c=32." in markdown
+    assert "| 32 | mesh-no-busy-wait | 1250 |" in markdown
