@@ -26,7 +26,7 @@ from gateway.upstream import Upstream
 from loadbalancer.balancer import Balancer
 from loadbalancer.endpoint import Endpoint
 from loadbalancer.errors import AttemptFailed, NoEndpointAvailable
-from meshserve.telemetry import rpc_server_attributes
+from meshserve.telemetry import rpc_server_attributes, tracing_enabled
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,6 @@ class RequestRefused(Exception):
         self.code = code
         self.message = message
         self.trailing = tuple(trailing)
-
-
-def tracing_enabled() -> bool:
-    """True when an SDK tracer provider is installed (the API's proxy/no-op records nothing)."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 def metadata_value(metadata: Sequence[tuple[str, str | bytes]] | None, key: str) -> str | None:

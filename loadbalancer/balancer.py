@@ -9,10 +9,12 @@ Every attempt is one `balancer.attempt` span and one `AttemptEvent`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -31,6 +33,7 @@ from loadbalancer.metrics import BalancerMetrics
 from loadbalancer.policies import Policy, build_policy
 from loadbalancer.retry import RetryBudget, RetryGate, retrying
 from loadbalancer.settings import BalancerSettings, PolicyName
+from meshserve.telemetry import tracing_enabled
 
 if TYPE_CHECKING:
     from registry.model import EndpointChange, ServiceInstance
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# What an attempt runs in when tracing is off; nullcontext objects are reusable.
+_NO_SPAN: AbstractContextManager[trace.Span] = contextlib.nullcontext(trace.INVALID_SPAN)
 AttemptFn = Callable[[Endpoint, float | None], Awaitable[T]]
 
 
@@ -132,7 +137,8 @@ class Balancer:
             deadline_floor_s=settings.ejection_deadline_floor_ms / 1000.0,
             clock=clock,
         )
-        self._tracer = trace.get_tracer("meshserve.loadbalancer")
+        # None when tracing is off: an attempt then makes no span at all (a no-op one costs ~5 us).
+        self._tracer: trace.Tracer | None = trace.get_tracer("meshserve.loadbalancer") if tracing_enabled() else None
         self._closed = False
         self.metrics.watch_endpoints(self._sets.state_counts)
 
@@ -308,19 +314,7 @@ class Balancer:
         remaining = None if request.deadline is None else request.deadline - start
         outcome = "ok"
         endpoint.load.pending += 1
-        with self._tracer.start_as_current_span(
-            "balancer.attempt",
-            attributes={
-                "meshserve.endpoint": endpoint.target,
-                "meshserve.policy": request.policy.name,
-                "meshserve.attempt": number,
-                "meshserve.hedge": hedge,
-                "meshserve.model": request.model,
-                "meshserve.model_version": request.version,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        with self._attempt_span(request, endpoint, number, hedge) as span:
             try:
                 result = await self._bounded(request, endpoint, remaining)
             except asyncio.CancelledError:
@@ -340,6 +334,25 @@ class Balancer:
                 span.set_attribute("meshserve.outcome", outcome)
                 self._sets.release(endpoint)
                 self._notify(request, endpoint, number, outcome, hedge, self._clock() - start)
+
+    def _attempt_span(
+        self, request: _Request[T], endpoint: Endpoint, number: int, hedge: bool
+    ) -> AbstractContextManager[trace.Span]:
+        if self._tracer is None:
+            return _NO_SPAN
+        return self._tracer.start_as_current_span(
+            "balancer.attempt",
+            attributes={
+                "meshserve.endpoint": endpoint.target,
+                "meshserve.policy": request.policy.name,
+                "meshserve.attempt": number,
+                "meshserve.hedge": hedge,
+                "meshserve.model": request.model,
+                "meshserve.model_version": request.version,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        )
 
     async def _bounded(self, request: _Request[T], endpoint: Endpoint, remaining: float | None) -> T:
         """The attempt, cut off shortly after the caller's deadline in case it does not enforce it."""

@@ -147,6 +147,16 @@ def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         logger.warning("trace exporter did not flush within %.1fs; the last spans may be lost", timeout_s)
 
 
+def tracing_enabled() -> bool:
+    """True when a recording tracer provider is installed (the API's proxy/no-op records nothing).
+
+    Components read it once at start-up (after `configure_tracing`) to skip
+    building spans nobody records: even a no-op span costs a few microseconds.
+    """
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def rpc_server_attributes(service: str, method: str, address: str | None = None) -> dict[str, str]:
     """The RPC semantic-convention attributes of a gRPC server span."""
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}

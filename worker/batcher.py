@@ -138,7 +138,6 @@ class Batcher:
         self._queue.append(job)
         self._queued_rows += job.rows
         self._arrived.set()
-        self.metrics.queue_depth.set(len(self._queue))
         return job.future
 
     async def _serve(self) -> None:
@@ -151,7 +150,6 @@ class Batcher:
             elif self.max_busy_wait:
                 await self._wait_while_receiving()
             batch = self._take()
-            self.metrics.queue_depth.set(len(self._queue))
             if not batch:
                 continue
             try:

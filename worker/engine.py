@@ -50,7 +50,7 @@ class InferenceEngine:
 
     def queue_depth(self, model_name: str) -> int:
         """Requests waiting in the batchers of this model's versions."""
-        return sum(served.batcher.depth for served in self.repository.versions_of(model_name))
+        return self.repository.queue_depth(model_name)
 
     async def wait_idle(self, within: float) -> bool:
         """True once no request is in flight, False if `within` seconds passed first."""

@@ -8,6 +8,7 @@ that fails to load is logged with its path and reason and never stops the rest.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -90,6 +91,15 @@ class ModelRepository:
     def versions_of(self, name: str) -> list[ServedModel]:
         return list(self._models.get(name, {}).values())
 
+    def queue_depth(self, name: str) -> int:
+        """Requests waiting in the batchers of every loaded version of `name`.
+
+        Also read by the /metrics thread at scrape time: `tuple()` copies the
+        versions in one step under the GIL, so a load or unload cannot change
+        the dict mid-iteration.
+        """
+        return sum(served.batcher.depth for served in tuple(self._models.get(name, {}).values()))
+
     def get(self, name: str, version: str = "") -> ServedModel:
         """The model version a request names; the newest version when `version` is empty. NOT_FOUND otherwise."""
         versions = self._models.get(name)
@@ -151,9 +161,10 @@ class ModelRepository:
         if self._providers is None:
             self._providers = await loop.run_in_executor(self.executor, usable_providers)
         model = await loop.run_in_executor(self.executor, self._open, name, version, path, config, self._providers)
-        batcher = Batcher(
-            model, self.executor, self.metrics.for_model(name), tracing=self.tracing, busy_wait=self._busy_wait
-        )
+        model_metrics = self.metrics.for_model(name)
+        batcher = Batcher(model, self.executor, model_metrics, tracing=self.tracing, busy_wait=self._busy_wait)
+        # Computed when scraped, for all versions of the model together, not set on every request.
+        model_metrics.queue_depth.set_function(functools.partial(self.queue_depth, name))
         batcher.start()
         previous = self._models.setdefault(name, {}).get(version)
         self._models[name][version] = ServedModel(model, batcher)

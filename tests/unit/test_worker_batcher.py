@@ -14,12 +14,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from prometheus_client import CollectorRegistry
 
-from tests.worker_models import add_model, gather_model, static_model
+from tests.worker_models import add_model, gather_model, save, static_model
 from worker.batcher import Batcher, Job, JobResult
 from worker.config import ModelConfig
 from worker.errors import InferenceError
 from worker.metrics import WorkerMetrics
+from worker.repository import ModelRepository
 from worker.runtime import OnnxModel
 
 CPU = ["CPUExecutionProvider"]
@@ -314,3 +316,27 @@ def test_inputs_of_unbounded_size_never_run_inline(tmp_path: Path) -> None:
     assert not unbatched.batchable and not unbatched.runs_inline
     # A fixed-shape model without a batch dim is bounded.
     assert load(tmp_path, static_model()).runs_inline
+
+
+async def test_queue_depth_metric_counts_every_version_of_a_model(tmp_path: Path) -> None:
+    # A long queue delay holds the requests in the queues while the metric is read.
+    config = "max_queue_delay_us: 10000000\npreferred_batch_sizes: [8]\n"
+    save(add_model(1.0), tmp_path, "m", version=1, config=config)
+    save(add_model(2.0), tmp_path, "m", version=2, config=config)
+    metrics = WorkerMetrics(CollectorRegistry())
+    pool = ThreadPoolExecutor(max_workers=2)
+    repository = ModelRepository(tmp_path, pool, metrics)
+    await repository.load_all()
+    try:
+        futures = [
+            repository.get("m", version).batcher.submit(job(np.zeros((1, 4), np.float32)))
+            for version in ("1", "1", "2")
+        ]
+        labels = {"component": "worker", "model": "m"}
+        assert metrics.registry.get_sample_value("meshserve_queue_depth", labels) == 3
+        assert repository.queue_depth("m") == 3
+    finally:
+        await repository.close()
+        pool.shutdown(wait=True)
+    for future in futures:
+        assert future.done()  # failed as unavailable by the unload, none left hanging
