@@ -3,7 +3,7 @@
 `Balancer.call` picks an endpoint serving the model version, runs the caller's
 attempt function on it with the remaining deadline, and fails over to a
 different endpoint when the failure is retryable (see `loadbalancer.retry`).
-Every attempt is one `balancer.attempt` span and one `AttemptEvent`.
+Every attempt is one `AttemptEvent` and, when tracing is on, one `balancer.attempt` span.
 """
 
 from __future__ import annotations
