@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench import bare_ort
 from protos import grpc_service_pb2 as pb
 
 READY_LINE = "FLOOR SERVER READY"
@@ -47,12 +48,7 @@ class FloorModel:
     """The model's one input and first output, an ONNX Runtime session and a ready-made answer."""
 
     def __init__(self, model_file: Path) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        self.session: Any = bare_ort.session(model_file, 1)  # one thread, as the worker runs a microsecond model
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.row_shape = [d if isinstance(d, int) and d > 0 else 1 for d in model_input.shape[1:]]

@@ -338,5 +338,6 @@ async def test_queue_depth_metric_counts_every_version_of_a_model(tmp_path: Path
     finally:
         await repository.close()
         pool.shutdown(wait=True)
-    for future in futures:
-        assert future.done()  # failed as unavailable by the unload, none left hanging
+    for future in futures:  # failed as unavailable by the unload, none left hanging
+        error = future.exception()
+        assert isinstance(error, InferenceError) and error.code == grpc.StatusCode.UNAVAILABLE
