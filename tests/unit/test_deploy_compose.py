@@ -5,6 +5,7 @@ and the Grafana dashboard asks for metrics the components export."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -246,3 +247,17 @@ def test_readme_explains_several_machines() -> None:
 def test_compose_paths_exist() -> None:
     for path in ("deploy/healthcheck.py", "deploy/prometheus/prometheus.yml", "Dockerfile", ".dockerignore"):
         assert Path(REPO_ROOT, path).is_file(), path
+
+
+def test_the_image_smoke_test_runs_compose_s_commands(compose: dict[str, Any]) -> None:
+    """deploy/smoke_image.py starts the containers compose starts; the two must not drift apart."""
+    spec = importlib.util.spec_from_file_location("smoke_image", DEPLOY / "smoke_image.py")
+    assert spec is not None and spec.loader is not None
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    services = compose["services"]
+    assert meshserve_argv(services["worker"]["command"]) == list(smoke.WORKER_COMMAND)
+    assert meshserve_argv(services["gateway"]["command"]) == list(smoke.GATEWAY_COMMAND)
+    assert meshserve_argv(services["models"]["command"]) == list(smoke.MODELS_COMMAND)
+    for argv in (smoke.WORKER_COMMAND, smoke.GATEWAY_COMMAND, smoke.MODELS_COMMAND):
+        parse_with_cli(list(argv))
