@@ -1,6 +1,7 @@
 """Tiny ONNX models for the worker's tests: one Identity model per datatype, an
 `add` model whose versions add different constants, a model with a static
-shape (not batched), a model whose run fails on some inputs, and a broken file."""
+shape (not batched), a model whose run fails on some inputs, a slow chain of
+matrix products, and a broken file."""
 
 from __future__ import annotations
 
@@ -49,6 +50,23 @@ def add_model(constant: float) -> onnx.ModelProto:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         [numpy_helper.from_array(np.array([constant], dtype=np.float32), "c")],
+    )
+
+
+def slow_model(width: int = 512, depth: int = 64) -> onnx.ModelProto:
+    """`input` FP32 [-1, width] -> `output` = input, through `depth` products with the identity matrix:
+    depth x width^2 multiply-adds per row, so a big batch runs for seconds, one operator at a time."""
+    nodes = [
+        helper.make_node(
+            "MatMul", ["input" if i == 0 else f"h{i - 1}", "eye"], [f"h{i}" if i < depth - 1 else "output"]
+        )
+        for i in range(depth)
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(np.eye(width, dtype=np.float32), "eye")],
     )
 
 

@@ -6,7 +6,9 @@ ONNX Runtime in a thread pool and splits the outputs back per request. While
 one batch runs, the next one forms. A model whose largest batch runs in
 microseconds runs on the event loop's thread instead (`OnnxModel.runs_inline`):
 the hand-off to a thread and back costs more than the run. A batch that fails is retried request by
-request, so one bad request never fails its neighbours.
+request, so one bad request never fails its neighbours. A run nobody waits
+for any more (every request in it cancelled, or the model unloaded) is
+stopped at ONNX Runtime's next operator rather than finished.
 
 Without a queue delay, a batch still waits while the event loop has other
 work ready (`_wait_while_receiving`, `meshserve.busywait`): under load that
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
@@ -244,9 +247,9 @@ class Batcher:
             span = self._trace_batch(batch, size)
         try:
             if self.model.runs_inline:
-                outcomes = self._run(batch, size, span)
+                outcomes = self._run(batch, size, span, None)
             else:
-                outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run, batch, size, span)
+                outcomes = await self._run_in_executor(batch, size, span)
         except Exception as exc:  # never let the batching loop die
             log.exception("batch of %d for %s:%s failed", size, self.model.name, self.model.version)
             outcomes = [_run_error(self.model, exc)] * len(batch)
@@ -263,6 +266,44 @@ class Batcher:
             else:
                 job.future.set_result(outcome)
 
+    async def _run_in_executor(
+        self, batch: list[Job], size: int, span: trace.Span | None
+    ) -> list[JobResult | InferenceError]:
+        """The run in a thread, stopped early (ONNX Runtime's terminate flag) once nobody waits for it:
+        every request of the batch cancelled, or the model unloaded. A multi-second batch whose
+        clients all gave up would otherwise hold its instance (and a core) until it finished."""
+        options = ort.RunOptions()
+        running = True
+
+        def abandon_if_nobody_waits(_: asyncio.Future[JobResult]) -> None:
+            # A callback already scheduled when the run ended still comes: `running` tells.
+            if running and not options.terminate and all(job.future.done() for job in batch):
+                self._abandon(options, "every request in the batch was cancelled")
+
+        for job in batch:
+            job.future.add_done_callback(abandon_if_nobody_waits)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._run, batch, size, span, options
+            )
+        except asyncio.CancelledError:  # unloaded mid-run
+            self._abandon(options, "the model is being unloaded")
+            raise
+        finally:
+            running = False
+            for job in batch:
+                job.future.remove_done_callback(abandon_if_nobody_waits)
+
+    def _abandon(self, options: ort.RunOptions, why: str) -> None:
+        options.terminate = True
+        log.info(
+            "stopping a run of %s:%s: %s",
+            self.model.name,
+            self.model.version,
+            why,
+            extra={"model": f"{self.model.name}:{self.model.version}"},
+        )
+
     def _trace_batch(self, batch: list[Job], size: int) -> trace.Span:
         for job in batch:
             if job.span_context is not None:
@@ -274,22 +315,29 @@ class Batcher:
 
     # The methods below run in the executor thread (on the loop's thread for an inline model).
 
-    def _run(self, batch: list[Job], size: int, span: trace.Span | None) -> list[JobResult | InferenceError]:
+    def _run(
+        self, batch: list[Job], size: int, span: trace.Span | None, options: ort.RunOptions | None
+    ) -> list[JobResult | InferenceError]:
         try:
-            return self._run_together(batch, size, span)
+            return self._run_together(batch, size, span, options)
         except Exception as exc:
+            if options is not None and options.terminate:  # stopped on purpose: nobody waits for it
+                self.metrics.abandoned_runs.inc()
+                return [_run_error(self.model, exc)] * len(batch)
             if len(batch) == 1:
                 return [_run_error(self.model, exc)]
         # One of them broke the run: run each alone so only that one fails.
         outcomes: list[JobResult | InferenceError] = []
         for job in batch:
             try:
-                outcomes.extend(self._run_together([job], job.rows, span))
+                outcomes.extend(self._run_together([job], job.rows, span, options))
             except Exception as exc:
                 outcomes.append(_run_error(self.model, exc))
         return outcomes
 
-    def _run_together(self, batch: list[Job], size: int, span: trace.Span | None) -> list[JobResult]:
+    def _run_together(
+        self, batch: list[Job], size: int, span: trace.Span | None, options: ort.RunOptions | None
+    ) -> list[JobResult]:
         model = self.model
         if len(batch) == 1:
             arrays: Sequence[np.ndarray] = batch[0].inputs
@@ -297,13 +345,13 @@ class Batcher:
             arrays = [np.concatenate([job.inputs[i] for job in batch]) for i in range(len(model.inputs))]
         feeds = {spec.name: array for spec, array in zip(model.inputs, arrays, strict=True)}
         if span is None:
-            outputs = model.run(feeds)
+            outputs = model.run(feeds, options)
         else:
             # Not made current: nothing inside creates spans, and on the event loop's
             # thread (an inline model) attaching a context per batch is measurable.
             run_span = tracer.start_span("ort.run", context=trace.set_span_in_context(span))
             try:
-                outputs = model.run(feeds)
+                outputs = model.run(feeds, options)
             except Exception as exc:
                 run_span.record_exception(exc)
                 run_span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))

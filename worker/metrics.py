@@ -21,6 +21,7 @@ class ModelMetrics:
     batch_size: Histogram
     queue_depth: Gauge
     duration: Histogram
+    abandoned_runs: Counter
 
 
 class WorkerMetrics:
@@ -52,6 +53,13 @@ class WorkerMetrics:
             ["component", "model"],
             registry=self.registry,
         )
+        self.abandoned_runs = Counter(
+            "meshserve_abandoned_runs",
+            "ONNX Runtime runs stopped before their end because every request in the batch was "
+            "cancelled (the client gave up or its deadline passed) or the model was unloaded.",
+            ["component", "model"],
+            registry=self.registry,
+        )
         self._request_children: dict[tuple[str, grpc.StatusCode], Counter] = {}
 
     def for_model(self, model: str) -> ModelMetrics:
@@ -59,6 +67,7 @@ class WorkerMetrics:
             batch_size=self.batch_size.labels("worker", model),
             queue_depth=self.queue_depth.labels("worker", model),
             duration=self.duration.labels("worker", model),
+            abandoned_runs=self.abandoned_runs.labels("worker", model),
         )
 
     def count_request(self, model: str, code: grpc.StatusCode) -> None:

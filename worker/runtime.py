@@ -140,8 +140,9 @@ class OnnxModel:
     def device(self) -> str:
         return "cuda:0" if self.provider == "CUDAExecutionProvider" else "cpu"
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feeds)
+    def run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> list[np.ndarray]:
+        """One run; setting `options.terminate` from another thread stops it at the next operator."""
+        return self.session.run(self.output_names, feeds, options)
 
     def warm_up(self) -> None:
         """Runs at load, so the first user request does not pay for lazy initialisation; with

@@ -18,7 +18,9 @@ from gateway import wire
 from gateway.upstream import Upstream, UpstreamOptions
 from loadbalancer.errors import AttemptFailed
 from tests.harness import ProcessGroup
+from tests.integration.test_worker_batching import abandoned_runs
 from tests.integration.test_worker_stream import in_flight, request, until_in_flight
+from tests.worker_models import save, slow_model
 
 pytestmark = pytest.mark.integration
 
@@ -108,6 +110,24 @@ async def test_requests_given_up_are_dropped_by_the_worker(demo_repository: Path
     finally:
         await upstream.close()
     assert head.error_message == ""
+
+
+async def test_a_run_whose_request_the_gateway_gave_up_on_is_stopped(tmp_path: Path, processes: ProcessGroup) -> None:
+    save(slow_model(width=1024, depth=512), tmp_path, "slow", config="max_batch_size: 512\nintra_op_threads: 1\n")
+    worker, address = processes.worker(tmp_path, "--host", "127.0.0.1")
+    upstream = Upstream(address, UpstreamOptions(streams=1))
+    big = request("slow", np.ones((512, 1024), np.float32), "big")  # ~3 s of ONNX Runtime on one thread here
+    try:
+        with pytest.raises(TimeoutError):
+            await upstream.infer(big.SerializeToString(), b"", 0.5)  # its deadline passes in the gateway
+        # The cancel on the hop reaches the worker, which stops the run nobody waits for any more.
+        for _ in range(200):
+            if await asyncio.to_thread(abandoned_runs, worker.output(), "slow") == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(abandoned_runs, worker.output(), "slow") == 1
+    finally:
+        await upstream.close()
 
 
 async def test_requests_in_flight_on_a_killed_worker_fail_over(

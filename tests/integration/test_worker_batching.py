@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 
 from tests.harness import ProcessGroup
+from tests.worker_models import save, slow_model
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +64,33 @@ async def test_concurrent_clients_are_batched_and_answered_correctly(
     total = float(re.search(rf'meshserve_batch_size_sum{{component="worker",model="{model}"}} (\S+)', text).group(1))
     assert total == CLIENTS * REQUESTS_PER_CLIENT  # every request's one row, counted once (warm-up is not)
     assert count < total  # fewer runs than requests: batches merged requests
+
+
+def abandoned_runs(proc_output: str, model: str) -> float:
+    port = int(re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", proc_output).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = re.search(rf'meshserve_abandoned_runs_total{{component="worker",model="{model}"}} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_gives_up_stops_the_run_it_waited_for(tmp_path: Path, processes: ProcessGroup) -> None:
+    """The client's deadline passes mid-run: gRPC cancels the request, and with nobody left waiting
+    the worker stops ONNX Runtime instead of computing an answer for no one for seconds."""
+    save(slow_model(width=1024, depth=512), tmp_path, "slow", config="max_batch_size: 512\nintra_op_threads: 1\n")
+    proc, address = processes.worker(tmp_path, "--host", "127.0.0.1")
+    client = triton.InferenceServerClient(address)
+    big = triton.InferInput("input", [512, 1024], "FP32")  # ~3 s of ONNX Runtime on one thread here
+    big.set_data_from_numpy(np.ones((512, 1024), np.float32))
+    with pytest.raises(triton.InferenceServerException) as caught:
+        client.infer("slow", [big], client_timeout=0.5)
+    assert "DEADLINE_EXCEEDED" in str(caught.value.status())
+    # Counted only once ONNX Runtime returned early on the terminate flag.
+    for _ in range(200):
+        if abandoned_runs(proc.output(), "slow") == 1:
+            break
+        time.sleep(0.05)
+    assert abandoned_runs(proc.output(), "slow") == 1
+    small = triton.InferInput("input", [1, 1024], "FP32")
+    small.set_data_from_numpy(np.full((1, 1024), 2, np.float32))
+    np.testing.assert_array_equal(client.infer("slow", [small]).as_numpy("output"), np.full((1, 1024), 2, np.float32))
+    client.close()

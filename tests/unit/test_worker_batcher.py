@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper
 from prometheus_client import CollectorRegistry
 
-from tests.worker_models import add_model, gather_model, save, static_model
+from tests.worker_models import add_model, gather_model, save, slow_model, static_model
 from worker.batcher import Batcher, Job, JobResult
 from worker.config import ModelConfig
 from worker.errors import InferenceError
@@ -232,6 +232,74 @@ async def test_stop_during_a_run_fails_that_batch_as_unavailable(tmp_path: Path)
     with pytest.raises(InferenceError) as caught:
         await asyncio.wait_for(running, 5)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    pool.shutdown(wait=True)
+
+
+def slow_batcher(tmp_path: Path, pool: ThreadPoolExecutor) -> Batcher:
+    """A model whose batch of 1024 rows runs for seconds (~3 s here), one operator at a time."""
+    model = load(tmp_path, slow_model(width=1024, depth=256), max_batch_size=1024)
+    assert not model.runs_inline
+    batcher = Batcher(model, pool, WorkerMetrics().for_model("m"))
+    batcher.start()
+    return batcher
+
+
+def abandoned_runs(batcher: Batcher) -> float:
+    return batcher.metrics.abandoned_runs._value.get()
+
+
+async def running_batch(batcher: Batcher, rows: int) -> list[asyncio.Future[JobResult]]:
+    """Two requests of `rows` rows each, taken as one batch and handed to ONNX Runtime."""
+    futures = [batcher.submit(job(np.ones((rows, 1024), np.float32))) for _ in range(2)]
+    for _ in range(2000):  # event-loop turns until the batcher has taken both
+        if batcher.running == 2:
+            return futures
+        await asyncio.sleep(0.005)
+    raise AssertionError("the batch never reached ONNX Runtime")
+
+
+async def test_a_run_nobody_waits_for_any_more_stops_before_its_end(tmp_path: Path) -> None:
+    pool = ThreadPoolExecutor(max_workers=1)
+    batcher = slow_batcher(tmp_path, pool)
+    first, second = await running_batch(batcher, 512)
+    first.cancel()
+    await asyncio.sleep(0.05)
+    assert abandoned_runs(batcher) == 0  # the second request still waits: the run goes on
+    second.cancel()
+    # The one thread comes back once ONNX Runtime returns; it counts the run only when it
+    # stopped on the terminate flag, i.e. before running all of its 256 operators.
+    await asyncio.get_running_loop().run_in_executor(pool, lambda: None)
+    assert abandoned_runs(batcher) == 1
+    # The instance serves the next request as usual.
+    result = await asyncio.wait_for(batcher.submit(job(np.full((1, 1024), 3, np.float32))), 30)
+    np.testing.assert_array_equal(result.outputs[0], np.full((1, 1024), 3, np.float32))
+    await batcher.stop()
+    pool.shutdown(wait=True)
+
+
+async def test_a_run_with_one_request_still_waiting_finishes_for_it(tmp_path: Path) -> None:
+    pool = ThreadPoolExecutor(max_workers=1)
+    batcher = slow_batcher(tmp_path, pool)
+    gone, waiting = await running_batch(batcher, 16)
+    gone.cancel()
+    result = await asyncio.wait_for(waiting, 30)
+    np.testing.assert_array_equal(result.outputs[0], np.ones((16, 1024), np.float32))
+    assert result.batch_size == 32 and abandoned_runs(batcher) == 0
+    await batcher.stop()
+    pool.shutdown(wait=True)
+
+
+async def test_unloading_mid_run_stops_the_run(tmp_path: Path) -> None:
+    pool = ThreadPoolExecutor(max_workers=1)
+    batcher = slow_batcher(tmp_path, pool)
+    futures = await running_batch(batcher, 512)
+    await batcher.stop()
+    for future in futures:
+        with pytest.raises(InferenceError) as caught:
+            await future
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    await asyncio.get_running_loop().run_in_executor(pool, lambda: None)
+    assert abandoned_runs(batcher) == 1
     pool.shutdown(wait=True)
 
 
