@@ -16,7 +16,8 @@ COMPUTE_MODEL = "cnn"
 WORKER, MESH, TRITON, MESH_TRACED = "worker", "mesh", "triton", "mesh+tracing"
 BARE_PROXY = "bare-proxy"  # bench/bare_proxy.py in front of the worker: the floor of a grpc.aio hop
 MESH_NO_BUSY_WAIT = "mesh-no-busy-wait"  # the same mesh with the worker's and the gateway's busy waits off
-PEER_ORDER = (WORKER, BARE_PROXY, MESH, MESH_NO_BUSY_WAIT, MESH_TRACED, TRITON)
+MESH_NO_POLL = "mesh-no-poll"  # the same mesh with the gateway's light-load poll off
+PEER_ORDER = (WORKER, BARE_PROXY, MESH, MESH_NO_POLL, MESH_NO_BUSY_WAIT, MESH_TRACED, TRITON)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,26 @@ def busy_wait_lines(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]
     ]
 
 
+def light_load_poll_lines(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> list[str]:
+    """What the gateway's light-load poll (`light_load_poll_us`) gives: the hop at c=1 and throughput per level."""
+    without = paired_p50_overhead(run["points"], TRANSPORT_MODEL, front=MESH_NO_POLL)
+    if without is None:
+        return []
+    with_poll = paired_p50_overhead(run["points"], TRANSPORT_MODEL)
+    ratios = [
+        f"{ratio:.2f}x at c={c}"
+        for c in run["settings"]["concurrency"]
+        if (ratio := _ratio(table, TRANSPORT_MODEL, MESH, MESH_NO_POLL, c)) is not None
+    ]
+    with_text = "n/a" if with_poll is None else f"{with_poll:.2f} ms"
+    return [
+        f"Light-load poll (the gateway's loop polls instead of sleeping for 2 ms after a request while under one "
+        f"request is in flight on average): gateway hop p50 on {TRANSPORT_MODEL} at c=1 {with_text} with it, "
+        f"{without:.2f} ms with it off; the mesh / the same mesh with it off: {', '.join(ratios)}.",
+        "",
+    ]
+
+
 def _fmt(value: float, digits: int = 2) -> str:
     return "-" if value != value else f"{value:.{digits}f}"
 
@@ -269,6 +290,7 @@ def render_markdown(run: dict[str, Any]) -> str:
         *(t.row() for t in targets(run, table)),
         "",
         *floor_lines(run["points"]),
+        *light_load_poll_lines(run, table),
         *busy_wait_lines(run, table),
     ]
     models = sorted({key[0] for key in table}, key=lambda m: (m != TRANSPORT_MODEL, m))

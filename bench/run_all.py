@@ -47,6 +47,7 @@ from bench.report import (
     COMPUTE_MODEL,
     MESH,
     MESH_NO_BUSY_WAIT,
+    MESH_NO_POLL,
     MESH_TRACED,
     TRANSPORT_MODEL,
     TRITON,
@@ -91,6 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-busy-wait-peer",
         action="store_true",
         help="skip the mesh with the worker's and the gateway's busy waits off",
+    )
+    parser.add_argument(
+        "--no-poll-peer", action="store_true", help="skip the mesh with the gateway's light-load poll off"
     )
     parser.add_argument("--no-triton", action="store_true", help="skip Triton (when nvidia-pytriton is missing)")
     parser.add_argument(
@@ -340,8 +344,8 @@ class Bench:
         return points
 
     def _peers_for(self, model: str) -> list[Peer]:
-        # Tracing cost (issue 6) and the busy waits' gain are measured on the transport-bound model only.
-        transport_only = (MESH_TRACED, MESH_NO_BUSY_WAIT)
+        # Tracing cost (issue 6), the busy waits' and the poll's gains are measured on the transport-bound model only.
+        transport_only = (MESH_TRACED, MESH_NO_BUSY_WAIT, MESH_NO_POLL)
         return [
             p for p in self.peers if model in p.models and (p.name not in transport_only or model == TRANSPORT_MODEL)
         ]
@@ -413,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.threads = bench.worker_threads(direct.processes["worker"])
             if not args.no_bare_proxy and TRANSPORT_MODEL in bench.models:
                 bench.peers.append(bench.start_bare_proxy(direct))
+            if not args.no_poll_peer and TRANSPORT_MODEL in bench.models:
+                _, no_poll = bench.start_mesh(MESH_NO_POLL, env={"MESHSERVE_LIGHT_LOAD_POLL_US": "0"})
+                no_poll.models = (TRANSPORT_MODEL,)
+                bench.peers.append(no_poll)
             if not args.no_busy_wait_peer and TRANSPORT_MODEL in bench.models:
                 plain = without_busy_wait(repository, work / "no-busy-wait", [TRANSPORT_MODEL])
                 _, no_busy_wait = bench.start_mesh(

@@ -26,6 +26,7 @@ from gateway.upstream import Upstream
 from loadbalancer.balancer import Balancer
 from loadbalancer.endpoint import Endpoint
 from loadbalancer.errors import AttemptFailed, NoEndpointAvailable
+from meshserve.busywait import LightLoadPoll
 from meshserve.telemetry import rpc_server_attributes, tracing_enabled
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class InferenceForwarder:
         metrics: GatewayMetrics,
         *,
         default_timeout_s: float,
+        poll: LightLoadPoll | None = None,
     ) -> None:
         self.balancer = balancer
         self.routes = routes
@@ -117,11 +119,15 @@ class InferenceForwarder:
         self.default_timeout_s = default_timeout_s
         self._tracer = trace.get_tracer("meshserve.gateway")
         self._tracing = tracing_enabled()
+        self._poll = poll
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         model = "_unknown"
         code = "OK"
+        poll = self._poll
+        if poll is not None:
+            poll.started()
         try:
             metadata = context.invocation_metadata()
             head = self.admit(request, metadata)
@@ -154,6 +160,8 @@ class InferenceForwarder:
             await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error")
             raise
         finally:
+            if poll is not None:
+                poll.finished()
             self.metrics.observe(model, code, time.perf_counter() - started)
 
     def admit(self, request: bytes, metadata: Sequence[tuple[str, str | bytes]] | None) -> wire.RequestHead:

@@ -28,7 +28,7 @@ from gateway.upstream import Upstream, UpstreamOptions
 from loadbalancer.balancer import Balancer, ModelPolicy
 from loadbalancer.metrics import BalancerMetrics
 from loadbalancer.settings import BalancerSettings
-from meshserve.busywait import BusyWait
+from meshserve.busywait import BusyWait, LightLoadPoll
 from protos import grpc_service_pb2 as pb
 from protos._pool import POOL
 from registry.discovery import KVWatcher, ServiceWatcher
@@ -103,6 +103,9 @@ class Gateway:
             self.limiter,
             self.metrics,
             default_timeout_s=settings.default_timeout_s,
+            poll=LightLoadPoll(self._busy_wait, settings.light_load_poll_us / 1e6)
+            if settings.light_load_poll_us
+            else None,
         )
         self.streams = StreamForwarder(self.forwarder)
         self.servicer = MeshServicer(self.balancer, self.routes, self.auth, version)

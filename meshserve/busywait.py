@@ -1,4 +1,5 @@
-"""Waiting for work that is already arriving: yield to the event loop while it has other callbacks ready.
+"""Waiting for work that is already arriving: yield to the event loop while it has other callbacks ready;
+and, at light load, polling instead of sleeping (`LightLoadPoll`).
 
 A request reaches a batcher (worker) or a hop stream (gateway) only after
 several event-loop iterations of gRPC completions. Under load, when one
@@ -16,6 +17,7 @@ asyncio has no public "is anything else ready" call; the ready deque of
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 
@@ -56,3 +58,65 @@ class BusyWait:
             await done
         finally:
             self.active -= 1
+
+
+class LightLoadPoll:
+    """Keeps the event loop polling, not sleeping, for a short window after each request, at light load.
+
+    An asyncio loop with nothing ready blocks in epoll, and whatever ends the
+    wait (a worker's answer, a client's next request) first pays for the kernel
+    waking the loop's thread and its idle core. At light load those wake-ups are
+    much of what a gateway hop adds to a request's latency. For `window_s` after
+    each request starts, one callback re-queues itself every loop iteration, so
+    the loop selects with a zero timeout and runs each completion as soon as
+    gRPC hands it over. That spins a core meanwhile, which is only worth it
+    while cores sit idle: so it polls only while fewer than `max_load` requests
+    are in flight on average (time-weighted over ~`LOAD_TIME_CONSTANT_S`): a
+    lone client's requests, or sporadic traffic. Busier, the loop has work
+    anyway, and spinning would take the cores the worker and the clients need.
+
+    The poll keeps one wake-up in the ready list, as a `BusyWait` waiter does,
+    and is counted among that loop's waiters so `while_busy` ignores it.
+    """
+
+    LOAD_TIME_CONSTANT_S = 0.1
+
+    def __init__(self, busy_wait: BusyWait, window_s: float, max_load: float = 1.0) -> None:
+        self.busy_wait = busy_wait
+        self.window_s = window_s
+        self.max_load = max_load
+        self.in_flight = 0
+        self.load = 0.0  # time-weighted average of in_flight
+        self.polling = False
+        self._changed = 0.0  # loop time of the last change of in_flight
+        self._until = 0.0
+
+    def _account(self, now: float) -> None:
+        elapsed = now - self._changed
+        self._changed = now
+        self.load += (1.0 - math.exp(-elapsed / self.LOAD_TIME_CONSTANT_S)) * (self.in_flight - self.load)
+
+    def started(self) -> None:
+        """A request came in (call `finished` when it is answered)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._account(now)
+        self.in_flight += 1
+        if self.load >= self.max_load:
+            return
+        self._until = now + self.window_s
+        if not self.polling:
+            self.polling = True
+            self.busy_wait.active += 1
+            loop.call_soon(self._poll, loop)
+
+    def finished(self) -> None:
+        self._account(asyncio.get_running_loop().time())
+        self.in_flight -= 1
+
+    def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.load < self.max_load and loop.time() < self._until:
+            loop.call_soon(self._poll, loop)
+        else:
+            self.polling = False
+            self.busy_wait.active -= 1

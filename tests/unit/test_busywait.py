@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from meshserve.busywait import BusyWait
+from meshserve.busywait import BusyWait, LightLoadPoll
 
 
 async def arrivals(count: int, arrived: list[int]) -> None:
@@ -81,3 +81,82 @@ async def test_a_waiter_cancelled_while_busy_leaves_no_trace() -> None:
     started = time.monotonic()
     await shared.while_busy(loop.time() + 5.0, lambda: False)  # idle again: no wait
     assert time.monotonic() - started < 0.5
+
+
+# --------------------------------------------------------------------------
+# LightLoadPoll
+# --------------------------------------------------------------------------
+
+
+def counting_polls(poll: LightLoadPoll) -> list[int]:
+    """Counts the poll's loop iterations (its callback re-queues itself once per iteration)."""
+    count = [0]
+    original = poll._poll
+
+    def counted(loop: asyncio.AbstractEventLoop) -> None:
+        count[0] += 1
+        original(loop)
+
+    poll._poll = counted  # type: ignore[method-assign]
+    return count
+
+
+async def test_a_lone_request_keeps_the_loop_polling_for_the_window_then_it_sleeps() -> None:
+    shared = BusyWait()
+    poll = LightLoadPoll(shared, window_s=0.05)
+    polls = counting_polls(poll)
+    poll.started()
+    assert poll.polling and shared.active == 1
+    await asyncio.sleep(0.02)  # the loop has nothing else to do, yet keeps iterating
+    assert polls[0] > 50
+    poll.finished()
+    await asyncio.sleep(0.1)  # past the window: the poll stops and the loop may sleep again
+    assert not poll.polling and shared.active == 0
+    settled = polls[0]
+    await asyncio.sleep(0.02)
+    assert polls[0] == settled
+
+
+async def test_the_poll_does_not_count_as_work_for_busy_waiters() -> None:
+    shared = BusyWait()
+    poll = LightLoadPoll(shared, window_s=5.0)
+    poll.started()
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    await shared.while_busy(loop.time() + 5.0, lambda: False)  # an idle loop, bar the poll's own wake-up
+    assert time.monotonic() - started < 0.5
+    poll.finished()
+    poll.window_s = 0.0
+    poll.started()  # a request with no window left: the poll ends at its next turn
+    poll.finished()
+    await asyncio.sleep(0.01)
+    assert not poll.polling
+
+
+async def test_under_load_requests_do_not_start_a_poll() -> None:
+    shared = BusyWait()
+    poll = LightLoadPoll(shared, window_s=0.0, max_load=1.0)
+    for _ in range(3):
+        poll.started()
+    await asyncio.sleep(3 * LightLoadPoll.LOAD_TIME_CONSTANT_S)  # three in flight for a while
+    poll.window_s = 5.0
+    poll.started()
+    assert poll.load > 2.5
+    assert not poll.polling and shared.active == 0
+    for _ in range(4):
+        poll.finished()
+    assert poll.in_flight == 0
+
+
+async def test_the_load_is_the_time_weighted_number_in_flight() -> None:
+    poll = LightLoadPoll(BusyWait(), window_s=0.0)
+    poll.started()
+    poll.started()
+    await asyncio.sleep(3 * LightLoadPoll.LOAD_TIME_CONSTANT_S)  # two in flight for three time constants
+    poll.finished()
+    assert 1.8 < poll.load < 2.0
+    poll.finished()
+    await asyncio.sleep(3 * LightLoadPoll.LOAD_TIME_CONSTANT_S)
+    poll.started()  # accounts the idle stretch before counting itself
+    assert poll.load < 0.3
+    poll.finished()

@@ -122,3 +122,16 @@ def test_busy_wait_gain_is_the_mesh_over_the_same_mesh_without_it() -> None:
     markdown = render_markdown(data)
     assert "the mesh / the same mesh with both off, mlp784: 1.00x at c=1, 1.60x at c=32." in markdown
     assert "| 32 | mesh-no-busy-wait | 1250 |" in markdown
+
+
+def test_light_load_poll_gain_is_the_hop_and_the_mesh_over_the_same_mesh_without_it() -> None:
+    data = full_run()
+    assert "Light-load poll" not in render_markdown(data)  # no such peer in the run: no line
+    for rnd in (0, 1):
+        data["points"].append(point("mesh-no-poll", "mlp784", 1, rnd, 640, 1.5 + rnd))
+        data["points"].append(point("mesh-no-poll", "mlp784", 32, rnd, 2000, 15))
+    markdown = render_markdown(data)
+    # The worker's p50 is 1.0 (+rnd) at c=1: the hop is 0.30 ms with the poll (the mesh), 0.50 ms without.
+    assert "c=1 0.30 ms with it, 0.50 ms with it off" in markdown
+    assert "the mesh / the same mesh with it off: 1.25x at c=1, 1.00x at c=32." in markdown
+    assert "| 1 | mesh-no-poll | 640 |" in markdown
