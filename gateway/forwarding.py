@@ -160,9 +160,10 @@ class InferenceForwarder:
             await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error")
             raise
         finally:
+            elapsed = time.perf_counter() - started
             if poll is not None:
-                poll.finished()
-            self.metrics.observe(model, code, time.perf_counter() - started)
+                poll.finished(elapsed)
+            self.metrics.observe(model, code, elapsed)
 
     def admit(self, request: bytes, metadata: Sequence[tuple[str, str | bytes]] | None) -> wire.RequestHead:
         """Authentication, request head, authorization, rate limit: everything decided before routing."""

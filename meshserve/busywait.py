@@ -70,16 +70,20 @@ class LightLoadPoll:
     each request starts, one callback re-queues itself every loop iteration, so
     the loop selects with a zero timeout and runs each completion as soon as
     gRPC hands it over. That spins a core meanwhile, which is only worth it
-    while cores sit idle: so it polls only while fewer than `max_load` requests
-    are in flight on average (time-weighted over ~`LOAD_TIME_CONSTANT_S`): a
-    lone client's requests, or sporadic traffic. Busier, the loop has work
-    anyway, and spinning would take the cores the worker and the clients need.
+    while cores sit idle and the answer comes within the window: so it polls
+    only while fewer than `max_load` requests are in flight on average
+    (time-weighted over ~`LOAD_TIME_CONSTANT_S`: a lone client's requests, or
+    sporadic traffic), and while requests take less than the window on average
+    (a model that computes for milliseconds answers after the window anyway,
+    and the spinning core would slow its run). Busier, the loop has work anyway,
+    and spinning would take the cores the worker and the clients need.
 
     The poll keeps one wake-up in the ready list, as a `BusyWait` waiter does,
     and is counted among that loop's waiters so `while_busy` ignores it.
     """
 
     LOAD_TIME_CONSTANT_S = 0.1
+    DURATION_WEIGHT = 0.2  # of the latest request in the running average of request durations
 
     def __init__(self, busy_wait: BusyWait, window_s: float, max_load: float = 1.0) -> None:
         self.busy_wait = busy_wait
@@ -87,6 +91,7 @@ class LightLoadPoll:
         self.max_load = max_load
         self.in_flight = 0
         self.load = 0.0  # time-weighted average of in_flight
+        self.duration_s = 0.0  # running average of the requests' durations
         self.polling = False
         self._changed = 0.0  # loop time of the last change of in_flight
         self._until = 0.0
@@ -102,7 +107,7 @@ class LightLoadPoll:
         now = loop.time()
         self._account(now)
         self.in_flight += 1
-        if self.load >= self.max_load:
+        if self.load >= self.max_load or self.duration_s >= self.window_s:
             return
         self._until = now + self.window_s
         if not self.polling:
@@ -110,9 +115,11 @@ class LightLoadPoll:
             self.busy_wait.active += 1
             loop.call_soon(self._poll, loop)
 
-    def finished(self) -> None:
+    def finished(self, duration_s: float) -> None:
+        """The request that `started` took `duration_s` to answer."""
         self._account(asyncio.get_running_loop().time())
         self.in_flight -= 1
+        self.duration_s += self.DURATION_WEIGHT * (duration_s - self.duration_s)
 
     def _poll(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.load < self.max_load and loop.time() < self._until:

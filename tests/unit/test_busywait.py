@@ -109,7 +109,7 @@ async def test_a_lone_request_keeps_the_loop_polling_for_the_window_then_it_slee
     assert poll.polling and shared.active == 1
     await asyncio.sleep(0.02)  # the loop has nothing else to do, yet keeps iterating
     assert polls[0] > 50
-    poll.finished()
+    poll.finished(0.001)
     await asyncio.sleep(0.1)  # past the window: the poll stops and the loop may sleep again
     assert not poll.polling and shared.active == 0
     settled = polls[0]
@@ -119,18 +119,16 @@ async def test_a_lone_request_keeps_the_loop_polling_for_the_window_then_it_slee
 
 async def test_the_poll_does_not_count_as_work_for_busy_waiters() -> None:
     shared = BusyWait()
-    poll = LightLoadPoll(shared, window_s=5.0)
+    poll = LightLoadPoll(shared, window_s=0.3)
     poll.started()
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     await shared.while_busy(loop.time() + 5.0, lambda: False)  # an idle loop, bar the poll's own wake-up
-    assert time.monotonic() - started < 0.5
-    poll.finished()
-    poll.window_s = 0.0
-    poll.started()  # a request with no window left: the poll ends at its next turn
-    poll.finished()
-    await asyncio.sleep(0.01)
-    assert not poll.polling
+    assert time.monotonic() - started < 0.2
+    assert poll.polling
+    poll.finished(0.001)
+    await asyncio.sleep(0.5)
+    assert not poll.polling and shared.active == 0
 
 
 async def test_under_load_requests_do_not_start_a_poll() -> None:
@@ -144,7 +142,7 @@ async def test_under_load_requests_do_not_start_a_poll() -> None:
     assert poll.load > 2.5
     assert not poll.polling and shared.active == 0
     for _ in range(4):
-        poll.finished()
+        poll.finished(0.001)
     assert poll.in_flight == 0
 
 
@@ -153,10 +151,23 @@ async def test_the_load_is_the_time_weighted_number_in_flight() -> None:
     poll.started()
     poll.started()
     await asyncio.sleep(3 * LightLoadPoll.LOAD_TIME_CONSTANT_S)  # two in flight for three time constants
-    poll.finished()
+    poll.finished(0.001)
     assert 1.8 < poll.load < 2.0
-    poll.finished()
+    poll.finished(0.001)
     await asyncio.sleep(3 * LightLoadPoll.LOAD_TIME_CONSTANT_S)
     poll.started()  # accounts the idle stretch before counting itself
     assert poll.load < 0.3
-    poll.finished()
+    poll.finished(0.001)
+
+
+async def test_requests_slower_than_the_window_do_not_start_a_poll() -> None:
+    shared = BusyWait()
+    poll = LightLoadPoll(shared, window_s=0.002)
+    for _ in range(20):  # a model that answers in 7 ms: the answer comes after any window
+        poll.started()
+        poll.finished(0.007)
+    assert poll.duration_s > 0.002
+    await asyncio.sleep(0.01)
+    poll.started()
+    assert not poll.polling and shared.active == 0
+    poll.finished(0.007)
