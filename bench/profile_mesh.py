@@ -99,11 +99,7 @@ async def load(
 ) -> float:
     client = TritonClientLoad(url, api_key)
     try:
-        deadline = time.monotonic() + 120
-        while not await client.ready(model):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{model} not ready through the gateway at {url}")
-            await asyncio.sleep(0.2)
+        await client.wait_ready(model, 120.0)
         session = bare_ort.session(bare_ort.model_path(repository / model), 1)
         ready.set()
         result = await client.run(model, bare_ort.random_inputs(session, 1), concurrency, seconds, 1.0)

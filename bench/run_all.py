@@ -294,14 +294,13 @@ class Bench:
     async def connect(self, peer: Peer, timeout_s: float = 180.0) -> None:
         """A client per peer, once every model answers ready through it."""
         peer.client = TritonClientLoad(peer.url, peer.api_key)
-        deadline = time.monotonic() + timeout_s
+
+        def alive() -> None:
+            for child in peer.processes.values():
+                child.check_alive()
+
         for model in peer.models:
-            while not await peer.client.ready(model):
-                for child in peer.processes.values():
-                    child.check_alive()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{peer.name}: {model} not ready at {peer.url} after {timeout_s:g}s")
-                await asyncio.sleep(0.2)
+            await peer.client.wait_ready(model, timeout_s, alive)
 
     async def verify_outputs(self, peer: Peer, model: str, feeds: dict[str, np.ndarray], expected: list) -> None:
         assert peer.client is not None

@@ -91,11 +91,7 @@ async def measure(
     clients = {name: TritonClientLoad(url) for name, (url, _) in peers.items()}
     try:
         for name, client in clients.items():
-            for _ in range(1200):
-                if await client.ready(model):
-                    break
-                peers[name][1].check_alive()
-                await asyncio.sleep(0.1)
+            await client.wait_ready(model, 120.0, peers[name][1].check_alive, interval_s=0.1)
         points = []
         names = list(peers)
         for concurrency in [int(level) for level in args.concurrency.split(",")]:

@@ -6,7 +6,9 @@ own per-request cost is the same in every column of the results.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -51,6 +53,7 @@ class TritonClientLoad:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 10.0) -> None:
         from tritonclient.grpc.aio import InferenceServerClient
 
+        self.url = url
         self.client = InferenceServerClient(url=url)
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else None
         self.timeout_s = timeout_s
@@ -60,6 +63,17 @@ class TritonClientLoad:
             return bool(await self.client.is_model_ready(model, headers=self.headers))
         except Exception:
             return False
+
+    async def wait_ready(
+        self, model: str, timeout_s: float, still_alive: Callable[[], None] = lambda: None, interval_s: float = 0.2
+    ) -> None:
+        """Until `model` answers ready; `still_alive` raises when the server is gone, TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while not await self.ready(model):
+            still_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{model} not ready at {self.url} after {timeout_s:g}s")
+            await asyncio.sleep(interval_s)
 
     async def infer(self, model: str, feeds: dict[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """One request; the named outputs as arrays."""

@@ -133,11 +133,7 @@ async def check_answers(url: str, key: str, models_dir: Path) -> None:
     client = TritonClientLoad(url, key)
     try:
         for model in DEMO_MODELS:
-            wait_deadline = time.monotonic() + 120
-            while not await client.ready(model):
-                if time.monotonic() > wait_deadline:
-                    raise TimeoutError(f"{model} not ready through the gateway at {url}")
-                await asyncio.sleep(0.5)
+            await client.wait_ready(model, 120.0)
             session = bare_ort.session(bare_ort.model_path(models_dir / model), 1)
             feeds = bare_ort.random_inputs(session, 1, seed=7)
             outputs = [out.name for out in session.get_outputs()]  # type: ignore[attr-defined]
