@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -47,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import bare_ort  # noqa: E402  (the repository root is on the path only now)
-from bench.processes import free_port  # noqa: E402
+from bench.processes import free_port, wait_until  # noqa: E402
 from bench.tritonclient_load import TritonClientLoad, check_outputs_agree  # noqa: E402
 
 SERVICE_UID = "10001"
@@ -87,14 +86,6 @@ class Engine:
 
     def run(self, *args: str, detach: bool = True) -> str:
         return self("run", *(["-d"] if detach else ["--rm"]), "--init", *self.run_flags, *args)
-
-
-def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(1.0)
 
 
 def healthy(engine: Engine, container: str) -> bool:
@@ -212,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options=("-e", f"MESHSERVE_API_KEY={key}", "-p", f"127.0.0.1:{gateway_port}:8001"),
         )
         for container in (*workers, gateway):
-            wait_for(lambda c=container: healthy(engine, c), 180, f"{container}'s HEALTHCHECK")
+            wait_until(lambda c=container: healthy(engine, c), 180, f"{container}'s HEALTHCHECK", interval_s=1.0)
             print(f"ok: {container} healthy")
 
         url = f"127.0.0.1:{gateway_port}"
