@@ -187,21 +187,29 @@ def busy_wait_lines(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]
 
 
 def light_load_poll_lines(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> list[str]:
-    """What the gateway's light-load poll (`light_load_poll_us`) gives: the hop at c=1 and throughput per level."""
-    without = paired_p50_overhead(run["points"], TRANSPORT_MODEL, front=MESH_NO_POLL)
-    if without is None:
+    """What the light-load poll (`light_load_poll_us`) gives per model: the hop at c=1, throughput per level."""
+    lines = []
+    for model in sorted({p["model"] for p in run["points"] if p["peer"] == MESH_NO_POLL}):
+        without = paired_p50_overhead(run["points"], model, front=MESH_NO_POLL)
+        if without is None:
+            continue
+        with_poll = paired_p50_overhead(run["points"], model)
+        ratios = [
+            f"{ratio:.2f}x at c={c}"
+            for c in run["settings"]["concurrency"]
+            if (ratio := _ratio(table, model, MESH, MESH_NO_POLL, c)) is not None
+        ]
+        with_text = "n/a" if with_poll is None else f"{with_poll:.2f} ms"
+        lines.append(
+            f"- {model}: gateway hop p50 at c=1 {with_text} with it, {without:.2f} ms with it off; "
+            f"the mesh / the same mesh with it off: {', '.join(ratios)}."
+        )
+    if not lines:
         return []
-    with_poll = paired_p50_overhead(run["points"], TRANSPORT_MODEL)
-    ratios = [
-        f"{ratio:.2f}x at c={c}"
-        for c in run["settings"]["concurrency"]
-        if (ratio := _ratio(table, TRANSPORT_MODEL, MESH, MESH_NO_POLL, c)) is not None
-    ]
-    with_text = "n/a" if with_poll is None else f"{with_poll:.2f} ms"
     return [
-        f"Light-load poll (the gateway's loop polls instead of sleeping for 2 ms after a request while under one "
-        f"request is in flight on average): gateway hop p50 on {TRANSPORT_MODEL} at c=1 {with_text} with it, "
-        f"{without:.2f} ms with it off; the mesh / the same mesh with it off: {', '.join(ratios)}.",
+        "Light-load poll (while under one request is in flight on average, the gateway's loop polls instead of "
+        "sleeping from a request's start until 1 ms after its answer is expected, at least 2 ms):",
+        *lines,
         "",
     ]
 

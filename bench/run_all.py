@@ -343,8 +343,8 @@ class Bench:
         return points
 
     def _peers_for(self, model: str) -> list[Peer]:
-        # Tracing cost (issue 6), the busy waits' and the poll's gains are measured on the transport-bound model only.
-        transport_only = (MESH_TRACED, MESH_NO_BUSY_WAIT, MESH_NO_POLL)
+        # Tracing cost (issue 6) and the busy waits' gain are measured on the transport-bound model only.
+        transport_only = (MESH_TRACED, MESH_NO_BUSY_WAIT)
         return [
             p for p in self.peers if model in p.models and (p.name not in transport_only or model == TRANSPORT_MODEL)
         ]
@@ -416,9 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.threads = bench.worker_threads(direct.processes["worker"])
             if not args.no_bare_proxy and TRANSPORT_MODEL in bench.models:
                 bench.peers.append(bench.start_bare_proxy(direct))
-            if not args.no_poll_peer and TRANSPORT_MODEL in bench.models:
+            if not args.no_poll_peer:
                 _, no_poll = bench.start_mesh(MESH_NO_POLL, env={"MESHSERVE_LIGHT_LOAD_POLL_US": "0"})
-                no_poll.models = (TRANSPORT_MODEL,)
                 bench.peers.append(no_poll)
             if not args.no_busy_wait_peer and TRANSPORT_MODEL in bench.models:
                 plain = without_busy_wait(repository, work / "no-busy-wait", [TRANSPORT_MODEL])

@@ -34,10 +34,11 @@ class GatewaySettings(MeshSettings):
     # gateway is still receiving (only while its event loop has work ready; never
     # on an idle gateway): under load they share one message. 0 turns it off.
     hop_busy_wait_us: int = 2000
-    # At light load (under one request in flight on average), how long after each
-    # request the event loop keeps polling instead of sleeping, so the worker's answer
-    # and the next request are picked up without a thread wake-up. Spins a core
-    # meanwhile; 0 turns it off.
+    # At light load (under one request in flight on average), the event loop polls
+    # instead of sleeping from each request's start until half this window after its
+    # answer is expected, and for at least this window, so the worker's answer and the
+    # next request are picked up without a thread wake-up. Spins a core meanwhile;
+    # 0 turns it off.
     light_load_poll_us: int = 2000
     # Used when the client sets no deadline; the hop always carries one.
     default_timeout_s: float = 30.0

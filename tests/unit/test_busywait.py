@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+
+import pytest
 
 from meshserve.busywait import BusyWait, LightLoadPoll
 
@@ -160,14 +163,44 @@ async def test_the_load_is_the_time_weighted_number_in_flight() -> None:
     poll.finished(0.001)
 
 
-async def test_requests_slower_than_the_window_do_not_start_a_poll() -> None:
+async def test_a_request_slower_than_the_window_is_polled_for_until_after_its_expected_answer() -> None:
+    shared = BusyWait()
+    poll = LightLoadPoll(shared, window_s=0.02)
+    for _ in range(30):  # a model that answers in 60 ms on average (under MAX_POLLED_DURATION_S here)
+        poll.started()
+        poll.finished(0.06)
+    poll.MAX_POLLED_DURATION_S = 1.0
+    await asyncio.sleep(3 * LightLoadPoll.LOAD_TIME_CONSTANT_S)  # idle again: the load falls under one
+    poll.started()
+    assert poll.polling
+    await asyncio.sleep(0.04)  # past the window, still before the answer
+    assert poll.polling
+    await asyncio.sleep(0.07)  # past the expected answer plus half a window
+    assert not poll.polling and shared.active == 0
+    poll.finished(0.06)
+
+
+async def test_requests_slower_than_the_polled_limit_do_not_start_a_poll() -> None:
     shared = BusyWait()
     poll = LightLoadPoll(shared, window_s=0.002)
-    for _ in range(20):  # a model that answers in 7 ms: the answer comes after any window
+    slow = LightLoadPoll.MAX_POLLED_DURATION_S * 2
+    for _ in range(30):
         poll.started()
-        poll.finished(0.007)
-    assert poll.duration_s > 0.002
-    await asyncio.sleep(0.01)
+        poll.finished(slow)
+    assert poll.duration_s > LightLoadPoll.MAX_POLLED_DURATION_S
+    await asyncio.sleep(0.05)  # the first requests, still fast on average, polled for up to ~20 ms
+    assert not poll.polling
     poll.started()
     assert not poll.polling and shared.active == 0
-    poll.finished(0.007)
+    poll.finished(slow)
+
+
+async def test_each_polling_iteration_yields_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    yields = [0]
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.__setitem__(0, yields[0] + 1))
+    poll = LightLoadPoll(BusyWait(), window_s=0.02)
+    polls = counting_polls(poll)
+    poll.started()
+    await asyncio.sleep(0.01)
+    assert yields[0] > 10 and yields[0] >= polls[0] - 1
+    poll.finished(0.001)

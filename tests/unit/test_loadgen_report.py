@@ -132,6 +132,8 @@ def test_light_load_poll_gain_is_the_hop_and_the_mesh_over_the_same_mesh_without
         data["points"].append(point("mesh-no-poll", "mlp784", 32, rnd, 2000, 15))
     markdown = render_markdown(data)
     # The worker's p50 is 1.0 (+rnd) at c=1: the hop is 0.30 ms with the poll (the mesh), 0.50 ms without.
-    assert "c=1 0.30 ms with it, 0.50 ms with it off" in markdown
+    assert "- mlp784: gateway hop p50 at c=1 0.30 ms with it, 0.50 ms with it off" in markdown
     assert "the mesh / the same mesh with it off: 1.25x at c=1, 1.00x at c=32." in markdown
     assert "| 1 | mesh-no-poll | 640 |" in markdown
+    assert "- cnn:" not in markdown  # no cnn point without the poll: no cnn line
+
