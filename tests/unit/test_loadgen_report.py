@@ -136,4 +136,3 @@ def test_light_load_poll_gain_is_the_hop_and_the_mesh_over_the_same_mesh_without
     assert "the mesh / the same mesh with it off: 1.25x at c=1, 1.00x at c=32." in markdown
     assert "| 1 | mesh-no-poll | 640 |" in markdown
     assert "- cnn:" not in markdown  # no cnn point without the poll: no cnn line
-
