@@ -131,6 +131,7 @@ async def _serve(settings: GatewaySettings) -> None:
 
     from gateway.server import Gateway
     from meshserve import __version__, telemetry
+    from meshserve.commands import freeze_startup_objects
 
     registry = telemetry.process_registry()
     gateway = Gateway(settings, metrics_registry=registry, version=__version__)
@@ -143,6 +144,7 @@ async def _serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     try:
         await gateway.start()
+        freeze_startup_objects()
         await stopping.wait()
     finally:
         await gateway.stop()

@@ -86,6 +86,7 @@ def worker(
 
 
 async def _serve(settings: WorkerSettings, tracing: bool) -> None:
+    from meshserve.commands import freeze_startup_objects
     from worker.server import WorkerServer
 
     server = WorkerServer(settings, tracing=tracing)
@@ -95,4 +96,5 @@ async def _serve(settings: WorkerSettings, tracing: bool) -> None:
     except BaseException:
         await server.close()
         raise
+    freeze_startup_objects()
     await server.wait_stopped()
