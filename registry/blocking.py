@@ -80,6 +80,10 @@ class BlockingQuery(Generic[T]):
                     index, data = await self._fetch(asked, wait)
             except RegistryErrors as exc:
                 self._mark_stale(exc)
+                # The agent may have restarted meanwhile, and its new index may by chance equal the one held
+                # here (the same workers re-registering in the same order do that): a blocking query would then
+                # sit out a whole wait on data that may differ. So the first query after a failure does not block.
+                self.index = 0
                 await self._sleep(self._error_backoff.next_delay())
                 continue
             self._mark_fresh()

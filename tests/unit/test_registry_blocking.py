@@ -96,4 +96,15 @@ async def test_unreachable_agent_marks_stale_backs_off_and_resumes(error: BaseEx
     assert len(sleeps) == 3 and sleeps[1] > sleeps[0] / 2
     assert metrics.errors.labels("test")._value.get() == 3
     assert metrics.stale.labels("test")._value.get() == 0
-    assert script.asked[-1] == 5  # resumed from the last good index
+    assert script.asked == [0, 5, 0, 0, 0]  # after a failure, reads without blocking until one answers
+
+
+async def test_after_a_failure_an_index_equal_to_the_old_one_does_not_hide_the_new_data() -> None:
+    # A restarted agent whose index came back to the same number, with different data behind it.
+    script = Script([(5, "before"), aiohttp.ClientConnectionError("refused"), (5, "after restart"), (6, "c")])
+    query, _ = make(script)
+    assert await query.next_change() == "before"
+    assert await query.next_change() == "after restart"
+    assert not query.stale
+    assert await query.next_change() == "c"
+    assert script.asked == [0, 5, 0, 5]
