@@ -85,7 +85,7 @@ class LightLoadPoll:
     sporadic traffic): busier, the loop has work anyway, and spinning would take
     the cores the worker and the clients need. Each polling iteration yields the
     CPU (`sched_yield`), so a thread the kernel wakes on the polling core runs
-    first: without it, a poll that started mid-request made cnn's hop ~1.8 ms
+    first: without it, a poll that started mid-request made cnn's hop 1.4-1.9 ms
     worse, as if the woken thread waited for the scheduler's next tick.
 
     The poll keeps one wake-up in the ready list, as a `BusyWait` waiter does,

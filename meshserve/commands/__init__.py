@@ -9,7 +9,7 @@ def freeze_startup_objects() -> None:
     Imports, protobuf descriptors, the gRPC server and the loaded models leave
     ~80,000 GC-tracked objects that live as long as the process, and each full
     collection walked them all: a busy gateway (mlp784, c=32) stopped for ~23 ms
-    about once a second, every request in flight waiting; frozen, those pauses
+    every second or two, every request in flight waiting; frozen, those pauses
     measured ~5 ms. Throughput did not change beyond this box's noise.
     Reference counting still frees them; only a cycle among them would now stay.
     """
