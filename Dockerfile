@@ -5,7 +5,7 @@
 # Models are never baked in: mount a model repository at /models.
 #
 #   docker build -t meshserve:cpu .                          # python:3.11-slim base
-#   docker build -t meshserve:cuda --build-arg DEVICE=cuda . # CUDA 12 + cuDNN 9 base
+#   docker build -t meshserve:cuda --build-arg DEVICE=cuda . # + CUDA and cuDNN from pip
 #
 #   docker run --rm -v $PWD/models:/models:ro meshserve:cpu \
 #       meshserve worker --model-repository /models --registry consul://consul:8500 --port 8001
@@ -14,12 +14,14 @@ ARG DEVICE=cpu
 
 FROM python:3.11-slim-bookworm AS base-cpu
 
-# onnxruntime-gpu's CUDA provider needs CUDA 12 and cuDNN 9 user-space libraries.
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS base-cuda
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && ln -sf /usr/bin/python3 /usr/local/bin/python
+# onnxruntime-gpu's CUDA provider needs the CUDA and cuDNN user-space libraries of
+# the CUDA major version it was built for (1.31: CUDA 13). A CUDA base image fixes
+# that version apart from the one pip resolves; the `cuda` extra installs the
+# matching libraries as pip packages instead, and the worker loads them at start.
+# The host's NVIDIA container toolkit mounts the driver.
+FROM python:3.11-slim-bookworm AS base-cuda
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 FROM base-${DEVICE} AS build
 ARG DEVICE
@@ -35,7 +37,8 @@ COPY gateway ./gateway
 COPY meshserve ./meshserve
 # pyproject picks onnxruntime-gpu on Linux x86_64; the CPU image swaps it for
 # the much smaller CPU build (same `onnxruntime` module).
-RUN /opt/meshserve/bin/pip install . \
+RUN if [ "$DEVICE" = "cuda" ]; then extras="[cuda]"; else extras=""; fi \
+    && /opt/meshserve/bin/pip install ".${extras}" \
     && if [ "$DEVICE" = "cpu" ] && /opt/meshserve/bin/pip show onnxruntime-gpu >/dev/null 2>&1; then \
         /opt/meshserve/bin/pip uninstall -y onnxruntime-gpu && /opt/meshserve/bin/pip install onnxruntime; \
     fi

@@ -27,6 +27,7 @@ class BatchThroughput:
     ms_per_run: float
     instances: int = 1
     threads: int = 1
+    provider: str = "CPUExecutionProvider"
 
 
 def model_path(model_dir: Path) -> Path:
@@ -37,13 +38,14 @@ def model_path(model_dir: Path) -> Path:
     return model_dir / str(versions[-1]) / "model.onnx"
 
 
-def session(path: Path, threads: int) -> object:
+def session(path: Path, threads: int, provider: str = "CPUExecutionProvider") -> object:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
 def random_inputs(sess: object, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -64,12 +66,18 @@ def random_inputs(sess: object, batch_size: int, seed: int = 0) -> dict[str, np.
 
 
 def measure(
-    model_dir: Path, batch_sizes: Sequence[int], seconds_each: float, threads: int | None = None, instances: int = 1
+    model_dir: Path,
+    batch_sizes: Sequence[int],
+    seconds_each: float,
+    threads: int | None = None,
+    instances: int = 1,
+    provider: str = "CPUExecutionProvider",
 ) -> list[BatchThroughput]:
-    """Samples/s at each batch size: `instances` sessions of `threads` threads each, running side by side."""
+    """Samples/s at each batch size: `instances` sessions of `threads` threads each, running side by side, on
+    `provider` (the one the worker got, so a GPU worker is compared with bare ORT on the same GPU)."""
     threads = threads or os.cpu_count() or 1
     path = model_path(model_dir)
-    sessions = [session(path, threads) for _ in range(max(instances, 1))]
+    sessions = [session(path, threads, provider) for _ in range(max(instances, 1))]
     results = []
     with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
         for batch_size in batch_sizes:
@@ -97,6 +105,7 @@ def measure(
                     elapsed / runs * len(sessions) * 1000.0,
                     len(sessions),
                     threads,
+                    provider,
                 )
             )
     return results

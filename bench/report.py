@@ -13,6 +13,7 @@ from typing import Any
 
 TRANSPORT_MODEL = "mlp784"
 COMPUTE_MODEL = "cnn"
+CPU = "CPUExecutionProvider"
 WORKER, MESH, TRITON, MESH_TRACED = "worker", "mesh", "triton", "mesh+tracing"
 BARE_PROXY = "bare-proxy"  # bench/bare_proxy.py in front of the worker: the floor of a grpc.aio hop
 MESH_NO_BUSY_WAIT = "mesh-no-busy-wait"  # the same mesh with the worker's and the gateway's busy waits off
@@ -248,10 +249,11 @@ def ort_table(run: dict[str, Any]) -> list[str]:
         layouts: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
         for r in results:
             layouts[(r.get("instances", 1), r.get("threads", 0))].append(r)
+        on = "" if best.get("provider", CPU) == CPU else f" on {best['provider']}"
         for (instances, threads), rows in layouts.items():
             by_batch = ", ".join(f"b{r['batch_size']}: {r['samples_per_s']:.0f}" for r in rows)
             lines.append(
-                f"- **{model}**, {instances} session(s) x {threads} thread(s) side by side, samples/s: {by_batch}"
+                f"- **{model}**{on}, {instances} session(s) x {threads} thread(s) side by side, samples/s: {by_batch}"
             )
         lines.append(
             f"- **{model}** best: {best['samples_per_s']:.0f} samples/s "
@@ -287,6 +289,11 @@ def render_markdown(run: dict[str, Any]) -> str:
                 f"{m} {v['instances']} instance(s) x {v['threads']} intra-op thread(s)" for m, v in threads.items()
             )
             or "nproc threads"
+        ),
+        *(
+            f"- {model} runs on {provider} (in the worker and in bare ORT)"
+            for model, provider in settings.get("providers", {}).items()
+            if provider != CPU
         ),
         f"- tracing: 100% sampled, OTLP/gRPC to a local receiver process ({run.get('otlp_receiver', '')})",
         *(f"- note: {note}" for note in run.get("notes", [])),

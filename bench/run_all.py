@@ -45,6 +45,7 @@ from bench.processes import Child, Children, exit_cleanly_on_sigterm, free_port,
 from bench.report import (
     BARE_PROXY,
     COMPUTE_MODEL,
+    CPU,
     MESH,
     MESH_NO_BUSY_WAIT,
     MESH_NO_POLL,
@@ -56,10 +57,13 @@ from bench.report import (
 )
 from bench.repository import without_busy_wait
 from bench.triton_server import READY_LINE as TRITON_READY
-from bench.tritonclient_load import TritonClientLoad, check_outputs_agree
+from bench.tritonclient_load import CPU_TOLERANCE, GPU_TOLERANCE, TritonClientLoad, check_outputs_agree
+from worker.config import load_model_config
 
 # The worker logs its automatic intra-op thread choice per model version at load.
 WORKER_THREADS_LINE = re.compile(r"model (\S+) version \d+: (\d+) intra-op thread\(s\)(?: x (\d+) instance)?")
+# ... and the provider each model version got (on a GPU host, CUDA: no CPU thread choice to log).
+WORKER_PROVIDER_LINE = re.compile(r"loaded model (\S+) version \d+ on (\w+)")
 DEFAULT_TRITON_PYTHON = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "python"
 
 
@@ -175,6 +179,7 @@ class Bench:
         self.spans_exported: int | None = None
         self.triton_version = ""
         self.threads: dict[str, tuple[int, int]] = {}
+        self.providers: dict[str, str] = {}
 
     # ----- start-up -----
 
@@ -244,13 +249,19 @@ class Bench:
         return direct, mesh
 
     def worker_threads(self, worker: Child, timeout_s: float = 120.0) -> dict[str, tuple[int, int]]:
-        """Each model's (intra-op threads, instances), from the worker's load log line (its policy may change)."""
+        """Each model's (intra-op threads, instances), from the worker's load log lines (its policy may change);
+        also records each model's provider, which bare ORT then uses too."""
         found: dict[str, tuple[int, int]] = {}
 
         def all_found() -> bool:
             worker.check_alive()
-            for model, threads, instances in WORKER_THREADS_LINE.findall(worker.output()):
+            output = worker.output()
+            for model, threads, instances in WORKER_THREADS_LINE.findall(output):
                 found[model] = (int(threads), int(instances or 1))
+            for model, provider in WORKER_PROVIDER_LINE.findall(output):
+                self.providers[model] = provider
+                if provider != CPU:  # the GPU does the work: one thread per instance feeds it
+                    found.setdefault(model, (1, load_model_config(self.repository / model).instance_count))
             return all(model in found for model in self.models)
 
         try:
@@ -309,7 +320,13 @@ class Bench:
             got = await peer.client.infer(model, feeds, names)
         except Exception as exc:
             raise RuntimeError(f"{peer.name} at {peer.url}: {model} did not answer correctly: {exc!r}") from exc
-        check_outputs_agree(expected[0], got, f"{peer.name} {model} output differs from in-process ONNX Runtime")
+        on_gpu = self.providers.get(model, CPU) != CPU and peer.name != TRITON  # Triton's ORT runs on the CPU
+        check_outputs_agree(
+            expected[0],
+            got,
+            f"{peer.name} {model} output differs from in-process ONNX Runtime",
+            GPU_TOLERANCE if on_gpu else CPU_TOLERANCE,
+        )
 
     # ----- measurement -----
 
@@ -427,6 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 no_busy_wait.models = (TRANSPORT_MODEL,)  # its repository holds no other model
                 bench.peers.append(no_busy_wait)
             triton = None
+            if not args.no_triton and any(provider != CPU for provider in bench.providers.values()):
+                bench.notes.append(
+                    "the worker runs on the GPU, Triton's callable on the CPU (its venv has the CPU build of ONNX "
+                    "Runtime): ratios to Triton compare unlike devices"
+                )
             if not args.no_triton:
                 try:
                     triton = bench.start_triton()
@@ -470,10 +492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in bench.models:
         threads, instances = bench.threads.get(model, (os.cpu_count() or 1, 1))
         # The worker's layout (instances side by side), and one session with the same threads in all.
-        ort_results[model] = bare_ort.measure(repository / model, batch_sizes, args.ort_seconds, threads, instances)
+        provider = bench.providers.get(model, CPU)
+        ort_results[model] = bare_ort.measure(
+            repository / model, batch_sizes, args.ort_seconds, threads, instances, provider
+        )
         if instances > 1:
             ort_results[model] += bare_ort.measure(
-                repository / model, batch_sizes, args.ort_seconds, threads * instances
+                repository / model, batch_sizes, args.ort_seconds, threads * instances, provider=provider
             )
         best = bare_ort.best(ort_results[model])
         print(f"bare ORT {model}: best batch {best.batch_size}: {best.samples_per_s:.1f} samples/s", flush=True)
@@ -484,7 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": machine(),
-        "versions": {**versions(), **triton_venv_versions(args.triton_python), "Triton server": bench.triton_version},
+        "versions": {
+            **versions(),
+            **({} if args.no_triton else triton_venv_versions(args.triton_python)),
+            "Triton server": bench.triton_version,
+        },
         "settings": {
             "rounds": args.rounds,
             "duration_s": args.duration,
@@ -494,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gateway_processes": args.gateway_processes,
             "triton_default_delay_us": args.triton_default_delay_us,
             "intra_op_threads": {m: {"threads": t, "instances": i} for m, (t, i) in bench.threads.items()},
+            "providers": bench.providers,
         },
         "otlp_receiver": receiver_totals,
         "notes": bench.notes,

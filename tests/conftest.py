@@ -3,12 +3,17 @@ process group that tears every started process down, even on failure."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import ProcessGroup
+
+# Tests compare answers with CPU ONNX Runtime to the last digits and reason about CPU run times, so on a GPU host
+# they and every process they start run on the CPU; tests/integration/test_worker_gpu.py asks for the GPU back.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture

@@ -22,6 +22,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Read at import, before tests/conftest.py hides the host's GPUs from the tests and every process they start.
+HOST_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def host_gpu_env() -> dict[str, str]:
+    """This process's environment with the host's GPUs visible again, for the tests that ask for the GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if HOST_CUDA_VISIBLE_DEVICES is not None:
+        env["CUDA_VISIBLE_DEVICES"] = HOST_CUDA_VISIBLE_DEVICES
+    return env
 
 
 def free_port() -> int:
@@ -61,11 +71,14 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class ManagedProcess:
     """One `python -m meshserve ...` child whose output goes to a log file."""
 
-    def __init__(self, name: str, args: Sequence[str], env: dict[str, str] | None, log_dir: Path) -> None:
+    def __init__(
+        self, name: str, args: Sequence[str], env: dict[str, str] | None, log_dir: Path, gpu: bool = False
+    ) -> None:
         self.name = name
         self.args = [sys.executable, "-m", "meshserve", *args]
         self.log_path = log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        base = host_gpu_env() if gpu else os.environ
+        full_env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
         # The child writes to its own copy of the descriptor; ours is closed at
         # once so that reading the log never races a buffered writer here.
         with self.log_path.open("ab") as log:
@@ -132,12 +145,13 @@ class ManagedProcess:
 class ProcessGroup:
     """Starts meshserve processes and guarantees their teardown."""
 
-    def __init__(self, log_dir: Path | None = None) -> None:
+    def __init__(self, log_dir: Path | None = None, gpu: bool = False) -> None:
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="meshserve-test-"))
         self.processes: list[ManagedProcess] = []
+        self.gpu = gpu  # whether its processes see the host's GPUs
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> ManagedProcess:
-        proc = ManagedProcess(name, args, env, self.log_dir)
+        proc = ManagedProcess(name, args, env, self.log_dir, self.gpu)
         self.processes.append(proc)
         return proc
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +61,7 @@ def usable_providers() -> list[str]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return available
+    preload_pip_cuda_libraries()
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -72,7 +76,8 @@ def usable_providers() -> list[str]:
     options.log_severity_level = PROBE_LOG_SEVERITY
     ort.set_default_logger_severity(PROBE_LOG_SEVERITY)
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+        with printed_to_log(logging.INFO, "probing CUDAExecutionProvider"):
+            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CUDAExecutionProvider"])
         cuda = "CUDAExecutionProvider" in session.get_providers()
     except Exception:
         cuda = False
@@ -80,8 +85,40 @@ def usable_providers() -> list[str]:
         ort.set_default_logger_severity(NATIVE_LOG_SEVERITY)
     if cuda:
         return available
-    log.warning("CUDAExecutionProvider is built in but cannot start on this host (no GPU or CUDA libraries); CPU only")
+    log.warning(
+        "CUDAExecutionProvider is built in but cannot start on this host (no GPU, or no CUDA %s and cuDNN 9 "
+        "libraries: `pip install meshserve[cuda]` brings them); CPU only",
+        getattr(ort.capi.build_and_package_info, "cuda_version", "") or "runtime",
+    )
     return [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+
+
+def preload_pip_cuda_libraries() -> None:
+    """Loads the CUDA and cuDNN libraries that `meshserve[cuda]` (onnxruntime-gpu's `cuda` and `cudnn`
+    extras) installs as pip packages: they lie in site-packages, where the dynamic loader never looks.
+    A host with a system CUDA has no such packages and needs nothing loaded."""
+    if importlib.util.find_spec("nvidia") is None or not hasattr(ort, "preload_dlls"):
+        return
+    with printed_to_log(logging.WARNING, "loading the pip-installed CUDA libraries"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # a broken install must leave the worker on CPU, not stop it
+            log.warning("could not load the pip-installed CUDA libraries: %s", exc)
+
+
+@contextlib.contextmanager
+def printed_to_log(level: int, what: str) -> Iterator[None]:
+    """ONNX Runtime's Python layer reports with print(): libraries it could not load, and a provider that
+    failed before it fell back to the next ("EP Error"). That belongs in the worker's log, not on stdout."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        lines = [line.strip() for line in printed.getvalue().splitlines()]
+        text = " ".join(line for line in lines if line and not line.startswith("***"))  # not an EP Error's frame
+        if text:
+            log.log(level, "%s: %s", what, text)
 
 
 def _spec(arg: ort.NodeArg) -> TensorSpec:
@@ -134,7 +171,8 @@ class OnnxModel:
         # clients) need between runs; sleeping costs microseconds per run.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # ONNX Runtime falls back to the next provider itself when one (CUDA) cannot start.
-        return ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
+        with printed_to_log(logging.WARNING, f"opening {self.path}"):
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
 
     @property
     def device(self) -> str:

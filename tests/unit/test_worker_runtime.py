@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,3 +27,76 @@ def test_provider_probe_and_model_load_print_nothing(tmp_path: Path, capfd: pyte
     captured = capfd.readouterr()
     assert captured.err == ""
     assert captured.out == ""
+
+
+class FakePreload:
+    """Stands in for `onnxruntime.preload_dlls`, which prints what it cannot load."""
+
+    def __init__(self, prints: str = "", raises: Exception | None = None) -> None:
+        self.calls = 0
+        self.prints = prints
+        self.raises = raises
+
+    def __call__(self) -> None:
+        self.calls += 1
+        print(self.prints)
+        if self.raises is not None:
+            raise self.raises
+
+
+def with_nvidia_packages(monkeypatch: pytest.MonkeyPatch, installed: bool, preload: FakePreload) -> None:
+    import importlib.util
+
+    import worker.runtime as runtime
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(runtime.ort, "preload_dlls", preload, raising=False)
+    monkeypatch.setattr(
+        runtime.importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if installed else None) if name == "nvidia" else real_find_spec(name, *a),
+    )
+
+
+def test_pip_cuda_libraries_are_loaded_only_where_pip_installed_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.runtime import preload_pip_cuda_libraries
+
+    preload = FakePreload()
+    with_nvidia_packages(monkeypatch, installed=False, preload=preload)
+    preload_pip_cuda_libraries()
+    assert preload.calls == 0  # a host with a system CUDA (the CUDA image) or none at all
+    with_nvidia_packages(monkeypatch, installed=True, preload=preload)
+    preload_pip_cuda_libraries()
+    assert preload.calls == 1
+
+
+def test_what_the_cuda_preload_prints_goes_to_the_log(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.runtime import preload_pip_cuda_libraries
+
+    with_nvidia_packages(monkeypatch, True, FakePreload("Failed to load libcublasLt.so.13: not found"))
+    preload_pip_cuda_libraries()
+    with_nvidia_packages(monkeypatch, True, FakePreload(raises=OSError("bad ELF header")))
+    preload_pip_cuda_libraries()  # must not raise: the worker goes on, on CPU
+    assert capsys.readouterr().out == ""
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("libcublasLt.so.13: not found" in w for w in warnings)
+    assert any("bad ELF header" in w for w in warnings)
+
+
+def test_an_ep_error_printed_by_onnx_runtime_goes_to_the_log_without_its_frame(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What onnxruntime's Python layer prints when CUDA fails and it falls back (seen with the GPUs hidden)."""
+    from worker.runtime import printed_to_log
+
+    caplog.set_level(logging.INFO, logger="worker.runtime")
+    with printed_to_log(logging.INFO, "probing CUDAExecutionProvider"):
+        print("*************** EP Error ***************")
+        print("EP Error CUDA failure 100: no CUDA-capable device is detected")
+        print("****************************************")
+    assert capsys.readouterr().out == ""
+    assert [r.getMessage() for r in caplog.records] == [
+        "probing CUDAExecutionProvider: EP Error CUDA failure 100: no CUDA-capable device is detected"
+    ]
