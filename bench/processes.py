@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The worker's load line per model version: `loaded model NAME version N on PROVIDER (...)`.
+WORKER_PROVIDER_LINE = re.compile(r"loaded model (\S+) version \d+ on (\w+)")
+
+
+def worker_providers(worker_log: str) -> dict[str, str]:
+    """Model -> the execution provider the worker got for it, read off the worker's log."""
+    return dict(WORKER_PROVIDER_LINE.findall(worker_log))
 
 
 def free_port() -> int:

@@ -41,7 +41,7 @@ from bench import bare_ort
 from bench.bare_proxy import READY_LINE as BARE_PROXY_READY
 from bench.measure import Point, measure_point
 from bench.otlp_receiver import READY_LINE as OTLP_READY
-from bench.processes import Child, Children, exit_cleanly_on_sigterm, free_port, wait_until
+from bench.processes import Child, Children, exit_cleanly_on_sigterm, free_port, wait_until, worker_providers
 from bench.report import (
     BARE_PROXY,
     COMPUTE_MODEL,
@@ -62,8 +62,6 @@ from worker.config import load_model_config
 
 # The worker logs its automatic intra-op thread choice per model version at load.
 WORKER_THREADS_LINE = re.compile(r"model (\S+) version \d+: (\d+) intra-op thread\(s\)(?: x (\d+) instance)?")
-# ... and the provider each model version got (on a GPU host, CUDA: no CPU thread choice to log).
-WORKER_PROVIDER_LINE = re.compile(r"loaded model (\S+) version \d+ on (\w+)")
 DEFAULT_TRITON_PYTHON = Path(__file__).resolve().parent.parent / ".venv-triton" / "bin" / "python"
 
 
@@ -258,7 +256,8 @@ class Bench:
             output = worker.output()
             for model, threads, instances in WORKER_THREADS_LINE.findall(output):
                 found[model] = (int(threads), int(instances or 1))
-            for model, provider in WORKER_PROVIDER_LINE.findall(output):
+            # On a GPU host the models run on CUDA: no CPU thread choice to log.
+            for model, provider in worker_providers(output).items():
                 self.providers[model] = provider
                 if provider != CPU:  # the GPU does the work: one thread per instance feeds it
                     found.setdefault(model, (1, load_model_config(self.repository / model).instance_count))

@@ -1,6 +1,6 @@
 """Smoke test of the container image: the mesh as docker-compose.yml runs it, in real containers.
 
-    python deploy/smoke_image.py [--build] [--engine docker] [--image meshserve:cpu]
+    python deploy/smoke_image.py [--build] [--device cpu|cuda] [--engine docker] [--image meshserve:DEVICE]
 
 What it checks, on a private network and volume it creates and always removes:
 - the image runs the CLI as the non-root service user (uid 10001);
@@ -12,6 +12,10 @@ What it checks, on a private network and volume it creates and always removes:
   demo model answers what ONNX Runtime in this process answers on the volume's files;
 - one worker killed (SIGKILL) under 8 concurrent clients: no request fails;
 - the other worker stopped (SIGTERM, compose's stop signal) drains and exits 0.
+
+It also prints the execution provider each worker got per model: with `--device cuda` and
+no GPU handed to the containers (`--run-flags "--gpus all"` hands them one), the CUDA image
+must fall back to the CPU and still pass.
 
 The registry here is `meshserve registry` (the embedded agent) under the name `consul`,
 where compose runs a real Consul: the workers and the gateway get the same
@@ -46,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench import bare_ort  # noqa: E402  (the repository root is on the path only now)
-from bench.processes import free_port, wait_until  # noqa: E402
+from bench.processes import free_port, wait_until, worker_providers  # noqa: E402
 from bench.tritonclient_load import TritonClientLoad, check_outputs_agree  # noqa: E402
 
 SERVICE_UID = "10001"
@@ -154,18 +158,20 @@ async def load_while(url: str, key: str, models_dir: Path, action: Callable[[], 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="docker", help="command prefix: docker, podman, or either with flags")
-    parser.add_argument("--image", default="meshserve:cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the image's DEVICE build arg")
+    parser.add_argument("--image", help="default: meshserve:DEVICE")
     parser.add_argument("--build", action="store_true", help="build the image from this repository first")
     parser.add_argument("--build-flags", default="", help="extra flags for `ENGINE build`")
     parser.add_argument("--run-flags", default="", help="extra flags for every `ENGINE run`")
     args = parser.parse_args(argv)
+    args.image = args.image or f"meshserve:{args.device}"
     engine = Engine(args.engine, args.run_flags)
     if args.build:
         engine(
             "build",
             *shlex.split(args.build_flags),
             "--build-arg",
-            "DEVICE=cpu",
+            f"DEVICE={args.device}",
             "-t",
             args.image,
             str(REPO_ROOT),
@@ -205,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for container in (*workers, gateway):
             wait_until(lambda c=container: healthy(engine, c), 180, f"{container}'s HEALTHCHECK", interval_s=1.0)
             print(f"ok: {container} healthy")
+        for worker in workers:
+            logs = subprocess.run([*engine.prefix, "logs", worker], capture_output=True, check=False, timeout=60)
+            providers = worker_providers((logs.stdout + logs.stderr).decode(errors="replace"))
+            assert set(providers) == set(DEMO_MODELS), f"{worker} loaded {sorted(providers)}, not {DEMO_MODELS}"
+            print(f"ok: {worker} serves " + ", ".join(f"{m} on {p}" for m, p in sorted(providers.items())))
 
         url = f"127.0.0.1:{gateway_port}"
         with tempfile.TemporaryDirectory() as scratch:

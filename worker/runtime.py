@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import io
 import logging
@@ -31,6 +32,7 @@ INLINE_RUN_LIMIT_S = 500e-6
 # errors only (3), and nothing below fatal (4) while probing for a provider that is expected to fail.
 NATIVE_LOG_SEVERITY = 3
 PROBE_LOG_SEVERITY = 4
+NVIDIA_DRIVER_LIBRARY = "libcuda.so.1"
 
 
 class ModelLoadError(Exception):
@@ -61,6 +63,11 @@ def usable_providers() -> list[str]:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         return available
+    cpu_only = [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+    if not nvidia_driver_present():
+        # The CUDA image or meshserve[cuda] on a host without a GPU: not worth loading ~1.5 GB of CUDA libraries.
+        log.info("no NVIDIA driver (%s) on this host: the models run on the CPU", NVIDIA_DRIVER_LIBRARY)
+        return cpu_only
     preload_pip_cuda_libraries()
     from onnx import TensorProto, helper
 
@@ -90,7 +97,17 @@ def usable_providers() -> list[str]:
         "libraries: `pip install meshserve[cuda]` brings them); CPU only",
         getattr(ort.capi.build_and_package_info, "cuda_version", "") or "runtime",
     )
-    return [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+    return cpu_only
+
+
+def nvidia_driver_present() -> bool:
+    """Whether the NVIDIA driver's user-space library loads: without it CUDA cannot start, whatever else is
+    installed (a container gets it from the NVIDIA container toolkit only when handed a GPU)."""
+    try:
+        ctypes.CDLL(NVIDIA_DRIVER_LIBRARY)
+    except OSError:
+        return False
+    return True
 
 
 def preload_pip_cuda_libraries() -> None:

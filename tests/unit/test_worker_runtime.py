@@ -100,3 +100,21 @@ def test_an_ep_error_printed_by_onnx_runtime_goes_to_the_log_without_its_frame(
     assert [r.getMessage() for r in caplog.records] == [
         "probing CUDAExecutionProvider: EP Error CUDA failure 100: no CUDA-capable device is detected"
     ]
+
+
+def test_without_the_nvidia_driver_cuda_is_neither_loaded_nor_probed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The CUDA image on a host without a GPU: no ~1.5 GB of CUDA libraries loaded for nothing."""
+    import worker.runtime as runtime
+
+    preload = FakePreload()
+    with_nvidia_packages(monkeypatch, installed=True, preload=preload)
+    monkeypatch.setattr(
+        runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(runtime, "NVIDIA_DRIVER_LIBRARY", "libnot-a-driver.so.1")
+    caplog.set_level(logging.INFO, logger="worker.runtime")
+    assert runtime.usable_providers() == ["CPUExecutionProvider"]
+    assert preload.calls == 0
+    assert any("no NVIDIA driver (libnot-a-driver.so.1)" in r.getMessage() for r in caplog.records)
