@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import CPU
 from worker.tensors import onnx_numpy_dtype
 
 
@@ -27,7 +28,7 @@ class BatchThroughput:
     ms_per_run: float
     instances: int = 1
     threads: int = 1
-    provider: str = "CPUExecutionProvider"
+    provider: str = CPU
 
 
 def model_path(model_dir: Path) -> Path:
@@ -38,13 +39,13 @@ def model_path(model_dir: Path) -> Path:
     return model_dir / str(versions[-1]) / "model.onnx"
 
 
-def session(path: Path, threads: int, provider: str = "CPUExecutionProvider") -> object:
+def session(path: Path, threads: int, provider: str = CPU) -> object:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+    providers = [provider, CPU] if provider != CPU else [CPU]
     return ort.InferenceSession(str(path), sess_options=options, providers=providers)
 
 
@@ -71,7 +72,7 @@ def measure(
     seconds_each: float,
     threads: int | None = None,
     instances: int = 1,
-    provider: str = "CPUExecutionProvider",
+    provider: str = CPU,
 ) -> list[BatchThroughput]:
     """Samples/s at each batch size: `instances` sessions of `threads` threads each, running side by side, on
     `provider` (the one the worker got, so a GPU worker is compared with bare ORT on the same GPU)."""

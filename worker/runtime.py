@@ -8,6 +8,7 @@ import importlib.util
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,9 @@ INLINE_RUN_LIMIT_S = 500e-6
 NATIVE_LOG_SEVERITY = 3
 PROBE_LOG_SEVERITY = 4
 NVIDIA_DRIVER_LIBRARY = "libcuda.so.1"
+# sys.stdout is one per process: two redirects overlapping in two threads (two models loading at once) would
+# each restore the other's buffer, and stdout would stay redirected for good.
+_STDOUT_REDIRECT = threading.RLock()
 
 
 class ModelLoadError(Exception):
@@ -129,7 +133,7 @@ def printed_to_log(level: int, what: str) -> Iterator[None]:
     failed before it fell back to the next ("EP Error"). That belongs in the worker's log, not on stdout."""
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed):
+        with _STDOUT_REDIRECT, contextlib.redirect_stdout(printed):
             yield
     finally:
         lines = [line.strip() for line in printed.getvalue().splitlines()]
