@@ -230,6 +230,13 @@ def test_dockerfile_is_one_slim_non_root_image_with_a_health_check_and_a_model_v
     # pin a CUDA major version of its own (12.6 here once, under an onnxruntime-gpu built for CUDA 13).
     assert "nvidia/cuda:" not in stages
     assert any('"[cuda]"' in run and 'install ".${extras}"' in run for run in by_keyword["RUN"])
+    # The dependencies are installed before the code is copied in: a code change does not reinstall them.
+    order = [f"{keyword} {rest[0] if rest else ''}" for keyword, *rest in instructions]
+    dependencies = next(i for i, line in enumerate(order) if 'install ".${extras}"' in line)
+    packages = ("protos", "worker", "registry", "loadbalancer", "gateway", "meshserve")
+    code = [i for i, line in enumerate(order) if line.startswith(tuple(f"COPY {p} " for p in packages))]
+    package = next(i for i, line in enumerate(order) if "pip install --no-deps ." in line)
+    assert len(code) == len(packages) and dependencies < min(code) and max(code) < package
     assert by_keyword["FROM"][-1] == "base-${DEVICE}"
     assert by_keyword["USER"] == ["meshserve"]
     assert by_keyword["VOLUME"] == ['["/models"]']
