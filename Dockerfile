@@ -33,15 +33,16 @@ COPY pyproject.toml README.md ./
 # (the packages as empty stubs): a code change then reinstalls meshserve only,
 # not ~0.5 GB (CPU) or ~3 GB (CUDA) of dependencies.
 # pyproject picks onnxruntime-gpu on Linux x86_64; the CPU image swaps it for
-# the much smaller CPU build (same `onnxruntime` module).
+# the much smaller CPU build of the same release (same `onnxruntime` module).
 RUN if [ "$DEVICE" = "cuda" ]; then extras="[cuda]"; else extras=""; fi \
     && packages="protos worker registry loadbalancer gateway meshserve" \
     && for p in $packages; do mkdir "$p" && touch "$p/__init__.py"; done \
     && /opt/meshserve/bin/pip install ".${extras}" \
     && /opt/meshserve/bin/pip uninstall -y meshserve \
     && rm -rf $packages build ./*.egg-info \
-    && if [ "$DEVICE" = "cpu" ] && /opt/meshserve/bin/pip show onnxruntime-gpu >/dev/null 2>&1; then \
-        /opt/meshserve/bin/pip uninstall -y onnxruntime-gpu && /opt/meshserve/bin/pip install onnxruntime; \
+    && gpu=$(/opt/meshserve/bin/pip show onnxruntime-gpu 2>/dev/null | sed -n 's/^Version: //p') \
+    && if [ "$DEVICE" = "cpu" ] && [ -n "$gpu" ]; then \
+        /opt/meshserve/bin/pip uninstall -y onnxruntime-gpu && /opt/meshserve/bin/pip install "onnxruntime==$gpu"; \
     fi
 COPY protos ./protos
 COPY worker ./worker
