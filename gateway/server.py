@@ -113,6 +113,9 @@ class Gateway:
         self._workers: ServiceWatcher | None = None
         self._kv: KVWatcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Set once the first read of the workers and of the routes has been applied.
+        self._workers_read = asyncio.Event()
+        self._routes_read = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -177,9 +180,8 @@ class Gateway:
 
     async def start(self) -> int:
         self._load_auth()
-        self._server = self._build_server()
+        self._server = self._build_server()  # binds the port: one in use fails here, before anything waits
         await self._set_health(False)
-        await self._server.start()
         loop = asyncio.get_running_loop()
         self._workers = ServiceWatcher(self.settings.registry, metrics=self.registry_metrics)
         self._kv = KVWatcher(self.settings.registry, self.settings.routes_prefix, metrics=self.registry_metrics)
@@ -187,12 +189,24 @@ class Gateway:
             loop.create_task(self._watch_workers(self._workers), name="watch-workers"),
             loop.create_task(self._watch_routes(self._kv), name="watch-routes"),
         ]
+        await self._wait_for_first_registry_read()
+        await self._server.start()
         if self._auth_watcher is not None:
             self._auth_watcher.start()
         scheme = "TLS" if self.settings.tls_cert else "plaintext"
         log.info("gateway serving on %s:%d (%s), registry %s", self.settings.host, self.port, scheme,
                  self.settings.registry)  # fmt: skip
         return self.port
+
+    async def _wait_for_first_registry_read(self) -> None:
+        """A gateway that answered before it knew the workers would say NOT_FOUND for every model; with
+        `--processes N`, SO_REUSEPORT hands such a process new connections while its siblings serve."""
+        limit = self.settings.registry_first_read_s
+        try:
+            await asyncio.wait_for(asyncio.gather(self._workers_read.wait(), self._routes_read.wait()), limit)
+        except TimeoutError:
+            log.warning("registry %s not read within %g s: serving anyway; no model is found until it answers",
+                        self.settings.registry, limit)  # fmt: skip
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -212,6 +226,7 @@ class Gateway:
                 ready = now_ready
                 await self._set_health(ready)
                 log.info("mesh %s", "ready" if ready else "has no passing worker")
+            self._workers_read.set()
 
     async def _watch_routes(self, watcher: KVWatcher) -> None:
         prefix = watcher.prefix
@@ -231,6 +246,7 @@ class Gateway:
                 except (ValueError, KeyError) as exc:
                     log.error("route for %s names an unknown policy: %s", model, exc, extra={"model": model})
             log.info("routes: %s", {m: dict(r.weights) for m, r in routes.items()} or "none (newest versions serve)")
+            self._routes_read.set()
 
     async def stop(self, grace: float = 5.0) -> None:
         with contextlib.suppress(Exception):

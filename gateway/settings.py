@@ -9,6 +9,10 @@ from meshserve.settings import MeshSettings
 
 class GatewaySettings(MeshSettings):
     registry: str = "consul://127.0.0.1:8500"
+    # At start, the longest wait for the first read of the workers and routes before the
+    # gateway accepts requests; with the registry unreachable it then serves anyway
+    # (health NOT_SERVING, no model found) and catches up when the registry answers.
+    registry_first_read_s: float = 10.0
     host: str = "0.0.0.0"
     port: int = 8001
     metrics_port: int = 8002

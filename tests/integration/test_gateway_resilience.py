@@ -14,7 +14,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import ProcessGroup
+from tests.harness import ProcessGroup, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -88,3 +88,31 @@ async def test_kill9_sigterm_and_registry_loss_under_load(
     assert not load.failures, load.failures
     assert gateway.alive()
     assert "registry unreachable" in gateway.output()
+
+
+def test_a_gateway_accepts_requests_only_once_it_has_read_the_registry(
+    demo_repository: Path, processes: ProcessGroup
+) -> None:
+    """One that listened first would answer NOT_FOUND for every model meanwhile (with --processes N, SO_REUSEPORT
+    handed such a process connections while its sibling served: a flaky CI failure once)."""
+    _, registry_url = processes.registry()
+    processes.worker(demo_repository, "--host", "127.0.0.1", registry_url=registry_url)
+    gateway, address = processes.gateway(registry_url, "--api-key", "k")
+    log = gateway.output()
+    serving = log.index("gateway serving on")
+    assert log.index("worker 127.0.0.1:") < serving and log.index("routes: ") < serving
+    with triton.InferenceServerClient(address) as client:
+        assert client.is_model_ready("mlp784", headers={"authorization": "Bearer k"})
+
+
+def test_with_the_registry_unreachable_a_gateway_serves_after_its_first_read_limit(processes: ProcessGroup) -> None:
+    port, nothing_there = free_port(), free_port()
+    gateway = processes.start(
+        "gateway", "gateway", "--registry", f"consul://127.0.0.1:{nothing_there}", "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", "0", env={"MESHSERVE_REGISTRY_FIRST_READ_S": "1"},
+    )  # fmt: skip
+    gateway.wait_for_output("gateway serving on", timeout=30)
+    assert "not read within 1 s: serving anyway" in gateway.output()
+    with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        assert client.is_server_live()
+        assert not client.is_server_ready()  # no passing worker known
