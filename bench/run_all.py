@@ -259,8 +259,8 @@ class Bench:
             # On a GPU host the models run on CUDA: no CPU thread choice to log.
             for model, provider in worker_providers(output).items():
                 self.providers[model] = provider
-                if provider != CPU:  # the GPU does the work: one thread per instance feeds it
-                    found.setdefault(model, (1, load_model_config(self.repository / model).instance_count))
+                if provider != CPU and model not in found:  # the GPU does the work: one thread per instance feeds it
+                    found[model] = (1, load_model_config(self.repository / model).instance_count)
             return all(model in found for model in self.models)
 
         try:

@@ -6,6 +6,7 @@ Skipped where CUDA cannot start, as in CI (no GPU); bench/RESULTS.md records the
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -63,8 +64,13 @@ def mesh(cuda: None, demo_repository: Path) -> Iterator[tuple[ProcessGroup, str,
         group.close()
 
 
+@functools.cache
+def cpu_session(model_file: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+
+
 def cpu_answers(repository: Path, model: str, x: np.ndarray) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(str(repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = cpu_session(repository / model / "1" / "model.onnx")
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x}), strict=True))
 
 
