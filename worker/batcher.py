@@ -310,8 +310,10 @@ class Batcher:
                 parent = trace.set_span_in_context(trace.NonRecordingSpan(job.span_context))
                 tracer.start_span("worker.queue_wait", context=parent, start_time=job.enqueued_ns).end()
         links = [Link(job.span_context) for job in batch if job.span_context is not None]
-        span = tracer.start_span("worker.batch", links=links, attributes={"meshserve.batch_size": size})
-        return span
+        attributes = {"meshserve.batch_size": size}
+        if self.model.padded_batch_size:
+            attributes["meshserve.padded_batch_size"] = self.model.padded_batch_size
+        return tracer.start_span("worker.batch", links=links, attributes=attributes)
 
     # The methods below run in the executor thread (on the loop's thread for an inline model).
 

@@ -58,6 +58,11 @@ class ModelConfig(BaseModel):
     # takes >= 1 ms, else one thread (see OnnxModel.warm_up).
     intra_op_threads: int = Field(default=0, ge=0)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    # Pad every batch to max_batch_size rows (copies of its last row) and cut the answers back, so
+    # ONNX Runtime always sees one input shape. On CUDA a Conv rebuilds its cuDNN plan whenever the
+    # shape differs from the previous run's (~55 ms on an H200), and a dynamic batcher changes it on
+    # nearly every run; on the CPU the padding rows would cost their full compute. "auto": pad on CUDA.
+    batch_padding: Literal["auto", "always", "never"] = "auto"
 
     @model_validator(mode="after")
     def _preferred_within_max(self) -> ModelConfig:

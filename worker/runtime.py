@@ -142,6 +142,21 @@ def printed_to_log(level: int, what: str) -> Iterator[None]:
             log.log(level, "%s: %s", what, text)
 
 
+def padded_batch_size(config: ModelConfig, provider: str, batchable: bool) -> int:
+    """The rows every run is padded to (`batch_padding`), or 0 for no padding."""
+    if not batchable or config.max_batch_size < 2 or config.batch_padding == "never":
+        return 0
+    if config.batch_padding == "always" or provider == "CUDAExecutionProvider":
+        return config.max_batch_size
+    return 0
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` grown to `rows` along dim 0 with copies of its last row: values from the request itself,
+    so a model that rejects some inputs (an index out of range, an empty string) accepts the padding."""
+    return np.concatenate([array, np.repeat(array[-1:], rows - array.shape[0], axis=0)])
+
+
 def _spec(arg: ort.NodeArg) -> TensorSpec:
     datatype = ONNX_TO_KSERVE.get(arg.type)
     if datatype is None:
@@ -181,6 +196,11 @@ class OnnxModel:
             config.max_batch_size > 0 and bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs)
         )
         self.max_batch_size = config.max_batch_size if self.batchable else 0
+        self.padded_batch_size = padded_batch_size(config, self.provider, self.batchable)
+        if self.padded_batch_size:
+            log.info("model %s version %d: every batch is padded to %d rows (batch_padding: %s, on %s)",
+                     name, version, self.padded_batch_size, config.batch_padding, self.provider,
+                     extra={"model": f"{name}:{version}"})  # fmt: skip
 
     def _open_session(self, threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -201,7 +221,15 @@ class OnnxModel:
 
     def run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> list[np.ndarray]:
         """One run; setting `options.terminate` from another thread stops it at the next operator."""
-        return self.session.run(self.output_names, feeds, options)
+        padded = self.padded_batch_size
+        rows = next(iter(feeds.values())).shape[0] if padded else 0
+        if rows >= padded:
+            return self.session.run(self.output_names, feeds, options)
+        outputs = self.session.run(
+            self.output_names, {name: pad_rows(array, padded) for name, array in feeds.items()}, options
+        )
+        # An output without the batch dim (a model that reduces over the batch) has nothing to cut.
+        return [output[:rows] if output.ndim and output.shape[0] == padded else output for output in outputs]
 
     def warm_up(self) -> None:
         """Runs at load, so the first user request does not pay for lazy initialisation; with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -23,17 +24,14 @@ CLIENTS = 32
 REQUESTS_PER_CLIENT = 8
 
 
-@pytest.mark.parametrize("model", ["mlp784", "cnn"])
-async def test_concurrent_clients_are_batched_and_answered_correctly(
-    model: str, demo_repository: Path, processes: ProcessGroup
-) -> None:
-    proc, address = processes.worker(demo_repository, "--host", "127.0.0.1")
-    sample_shape = (784,) if model == "mlp784" else (1, 64, 64)
+async def answered_by_concurrent_clients(
+    address: str, model: str, model_file: Path, sample_shape: tuple[int, ...]
+) -> list[int]:
+    """32 tritonclient.aio clients, 8 requests each; checks every answer against in-process ONNX Runtime
+    and returns the batch size the worker reported for each request."""
     rng = np.random.default_rng(3)
     inputs = rng.random((CLIENTS, REQUESTS_PER_CLIENT, 1, *sample_shape), dtype=np.float32)
-    session = ort.InferenceSession(
-        str(demo_repository / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     batch_sizes: list[int] = []
     answers: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -56,6 +54,16 @@ async def test_concurrent_clients_are_batched_and_answered_correctly(
         np.testing.assert_allclose(got, session.run(None, {"input": x})[0], rtol=1e-4, atol=1e-6)
     assert len(batch_sizes) == CLIENTS * REQUESTS_PER_CLIENT
     assert max(batch_sizes) > 1, batch_sizes
+    return batch_sizes
+
+
+@pytest.mark.parametrize("model", ["mlp784", "cnn"])
+async def test_concurrent_clients_are_batched_and_answered_correctly(
+    model: str, demo_repository: Path, processes: ProcessGroup
+) -> None:
+    proc, address = processes.worker(demo_repository, "--host", "127.0.0.1")
+    sample_shape = (784,) if model == "mlp784" else (1, 64, 64)
+    await answered_by_concurrent_clients(address, model, demo_repository / model / "1" / "model.onnx", sample_shape)
     # The metric tells the same story.
     port = int(re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", proc.output()).group(1))
     text = (await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{port}/metrics", timeout=5)).read()
@@ -64,6 +72,20 @@ async def test_concurrent_clients_are_batched_and_answered_correctly(
     total = float(re.search(rf'meshserve_batch_size_sum{{component="worker",model="{model}"}} (\S+)', text).group(1))
     assert total == CLIENTS * REQUESTS_PER_CLIENT  # every request's one row, counted once (warm-up is not)
     assert count < total  # fewer runs than requests: batches merged requests
+
+
+async def test_padded_batches_answer_every_request_with_its_own_rows(
+    demo_repository: Path, tmp_path: Path, processes: ProcessGroup
+) -> None:
+    """`batch_padding: always` (what CUDA gets by default) on the CPU: every run is 16 rows, the answers are not."""
+    model_file = demo_repository / "mlp784" / "1" / "model.onnx"
+    (tmp_path / "mlp784" / "1").mkdir(parents=True)
+    shutil.copy(model_file, tmp_path / "mlp784" / "1" / "model.onnx")
+    (tmp_path / "mlp784" / "config.yaml").write_text("max_batch_size: 16\nbatch_padding: always\n")
+    proc, address = processes.worker(tmp_path, "--host", "127.0.0.1")
+    assert "model mlp784 version 1: every batch is padded to 16 rows" in proc.output()
+    batch_sizes = await answered_by_concurrent_clients(address, "mlp784", model_file, (784,))
+    assert max(batch_sizes) <= 16
 
 
 def abandoned_runs(proc_output: str, model: str) -> float:

@@ -81,6 +81,8 @@ def test_every_demo_model_loads_on_cuda_and_the_worker_advertises_the_gpu(
     worker_log = next(p for p in group.processes if p.name.startswith("worker")).output()
     for model in INPUTS:
         assert f"loaded model {model} version 1 on CUDAExecutionProvider" in worker_log, worker_log[-3000:]
+        # One input shape per model on CUDA (`batch_padding: auto`): a changing one rebuilds cuDNN's Conv plans.
+        assert f"model {model} version 1: every batch is padded to" in worker_log, worker_log[-3000:]
 
     def advertised() -> list[dict]:
         url = registry_url.replace("consul://", "http://") + "/v1/health/service/meshserve-worker?passing"

@@ -71,6 +71,16 @@ async def test_queued_requests_share_one_run_and_get_their_own_rows(tmp_path: Pa
     await batcher.stop()
 
 
+async def test_a_padded_batch_answers_each_request_with_its_own_rows(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
+    batcher = await started(load(tmp_path, add_model(1.0), max_batch_size=16, batch_padding="always"), executor)
+    futures = [batcher.submit(job(np.full((1 + i % 3, 4), i, np.float32))) for i in range(5)]
+    results = await asyncio.gather(*futures)
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.outputs[0], np.full((1 + i % 3, 4), i + 1, np.float32))
+    assert {r.batch_size for r in results} == {sum(1 + i % 3 for i in range(5))}  # the rows asked for, not 16
+    await batcher.stop()
+
+
 async def test_batch_never_exceeds_max_rows(tmp_path: Path, executor) -> None:  # type: ignore[no-untyped-def]
     batcher = await started(load(tmp_path, add_model(0.0), max_batch_size=4), executor)
     futures = [batcher.submit(job(np.zeros((3, 4), np.float32))) for _ in range(5)]

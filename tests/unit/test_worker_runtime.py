@@ -10,7 +10,7 @@ import pytest
 
 from tests.worker_models import add_model
 from worker.config import ModelConfig
-from worker.runtime import OnnxModel, usable_providers
+from worker.runtime import OnnxModel, pad_rows, padded_batch_size, usable_providers
 
 
 def test_provider_probe_and_model_load_print_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -120,3 +120,55 @@ def test_without_the_nvidia_driver_cuda_is_neither_loaded_nor_probed(
     assert runtime.usable_providers() == ["CPUExecutionProvider"]
     assert preload.calls == 0
     assert any("no NVIDIA driver (libnot-a-driver.so.1)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("padding", "provider", "batchable", "max_batch_size", "rows"),
+    [
+        ("auto", "CUDAExecutionProvider", True, 32, 32),
+        ("auto", "CPUExecutionProvider", False, 32, 0),
+        ("auto", "CPUExecutionProvider", True, 32, 0),
+        ("always", "CPUExecutionProvider", True, 16, 16),
+        ("never", "CUDAExecutionProvider", True, 32, 0),
+        ("always", "CPUExecutionProvider", False, 32, 0),  # a model that is not batched keeps its shape
+        ("always", "CUDAExecutionProvider", True, 1, 0),  # one row is one shape already
+    ],
+)
+def test_batches_are_padded_on_cuda_or_when_asked(
+    padding: str, provider: str, batchable: bool, max_batch_size: int, rows: int
+) -> None:
+    config = ModelConfig(batch_padding=padding, max_batch_size=max_batch_size)
+    assert padded_batch_size(config, provider, batchable) == rows
+
+
+class ShapeRecorder:
+    """Stands in for a model's session and notes the shapes ONNX Runtime is given."""
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.shapes: list[tuple[int, ...]] = []
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray], options: object = None) -> list[np.ndarray]:
+        self.shapes.extend(array.shape for array in feeds.values())
+        return self.session.run(names, feeds, options)  # type: ignore[attr-defined]
+
+
+def test_a_padded_model_runs_every_batch_at_one_shape_and_answers_only_the_real_rows(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(add_model(1.0).SerializeToString())
+    model = OnnxModel("m", 1, path, ModelConfig(max_batch_size=8, batch_padding="always"), ["CPUExecutionProvider"])
+    model.warm_up()
+    recorder = ShapeRecorder(model.session)
+    model.session = recorder  # type: ignore[assignment]
+    for rows in (1, 3, 8):
+        x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+        (y,) = model.run({"x": x})
+        np.testing.assert_array_equal(y, x + 1)  # its own rows, none of the padding
+    assert recorder.shapes == [(8, 4)] * 3
+
+
+def test_padding_repeats_the_last_row_of_any_datatype() -> None:
+    strings = np.array([[b"a"], [b"bc"]], dtype=object)
+    np.testing.assert_array_equal(pad_rows(strings, 4), np.array([[b"a"], [b"bc"], [b"bc"], [b"bc"]], dtype=object))
+    ints = np.array([[7, 8]], dtype=np.int64)
+    np.testing.assert_array_equal(pad_rows(ints, 3), np.array([[7, 8]] * 3, dtype=np.int64))
