@@ -127,6 +127,7 @@ def _stop_siblings(children: list[Popen[bytes]]) -> None:
 
 async def _serve(settings: GatewaySettings) -> None:
     import asyncio
+    import contextlib
     import signal
 
     from gateway.server import Gateway
@@ -142,10 +143,21 @@ async def _serve(settings: GatewaySettings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    # A stop must not wait for the start: with the registry unreachable, start() waits up to
+    # MESHSERVE_REGISTRY_FIRST_READ_S for its first read, as long as an orchestrator's stop timeout.
+    starting = asyncio.create_task(gateway.start(), name="gateway-start")
+    stop_requested = asyncio.create_task(stopping.wait(), name="stop-requested")
     try:
-        await gateway.start()
-        freeze_startup_objects()
-        await stopping.wait()
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a port in use, say, ends here
+            freeze_startup_objects()
+            await stop_requested
     finally:
+        for task in (starting, stop_requested):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await gateway.stop()
-        metrics_server.close()
+        if metrics_server is not None:
+            metrics_server.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,17 @@ def test_with_the_registry_unreachable_a_gateway_serves_after_its_first_read_lim
     with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
         assert client.is_server_live()
         assert not client.is_server_ready()  # no passing worker known
+
+
+def test_a_gateway_waiting_for_its_first_registry_read_stops_at_once_on_sigterm(processes: ProcessGroup) -> None:
+    """An orchestrator's stop (compose: 10 s, then SIGKILL) must not wait out the first-read limit."""
+    port, nothing_there = free_port(), free_port()
+    gateway = processes.start(
+        "gateway", "gateway", "--registry", f"consul://127.0.0.1:{nothing_there}", "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", "0", env={"MESHSERVE_REGISTRY_FIRST_READ_S": "120"},
+    )  # fmt: skip
+    gateway.wait_for_output("registry unreachable", timeout=30)  # the watch has tried: start() is waiting
+    started = time.monotonic()
+    assert gateway.stop(timeout=30) == 0
+    assert time.monotonic() - started < 20, "the stop waited for the first-read limit"
+    assert "gateway serving on" not in gateway.output()
