@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from gateway import wire
 from gateway.auth import Authenticator, AuthError
@@ -27,9 +27,10 @@ from loadbalancer.balancer import Balancer
 from loadbalancer.endpoint import Endpoint
 from loadbalancer.errors import AttemptFailed, NoEndpointAvailable
 from meshserve.busywait import LightLoadPoll
-from meshserve.telemetry import rpc_server_attributes, tracing_enabled
+from meshserve.telemetry import extract_traceparent, format_traceparent, rpc_server_attributes, tracing_enabled
 
 log = logging.getLogger(__name__)
+SERVER_SPAN_ATTRIBUTES = rpc_server_attributes("inference.GRPCInferenceService", "ModelInfer")
 
 STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _DEADLINE_KEY = wire.parameter_key("meshserve.deadline_ms")
@@ -218,9 +219,7 @@ class InferenceForwarder:
             parent = traceparent
             if tracing:
                 # The balancer's attempt span is current here: the worker's span nests under it.
-                carrier: dict[str, str] = {}
-                propagate.inject(carrier)
-                parent = carrier.get("traceparent", traceparent)
+                parent = format_traceparent(trace.get_current_span().get_span_context())
             return await attempt_on(endpoint, request, suffix, remaining, parent)
 
         return await self.balancer.call(model, version, attempt, timeout=timeout_s, hash_key=hash_key)
@@ -233,10 +232,8 @@ class InferenceForwarder:
         timeout_s: float,
         context: grpc.aio.ServicerContext,
     ) -> bytes:
-        carrier = {k: v for k, v in metadata or () if isinstance(v, str) and k in ("traceparent", "tracestate")}
-        parent = propagate.extract(carrier) if carrier else None
-        attributes = rpc_server_attributes("inference.GRPCInferenceService", "ModelInfer")
-        attributes["meshserve.model"] = head.model_name
+        parent = extract_traceparent(metadata_value(metadata, "traceparent"), metadata_value(metadata, "tracestate"))
+        attributes = {**SERVER_SPAN_ATTRIBUTES, "meshserve.model": head.model_name}
         with self._tracer.start_as_current_span(
             "gateway ModelInfer", context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
         ) as span:

@@ -122,6 +122,10 @@ _CACHE_LIMIT = 4096
 _key_cache: dict[str, bytes] = {}
 _str_attribute_cache: dict[tuple[str, str], bytes] = {}
 _name_cache: dict[str, bytes] = {}
+# A span's whole attribute set, keyed by its items and their value types (1, 1.0 and True are
+# equal keys but different AnyValues). The request path's spans repeat a few sets (the same
+# model, endpoint, policy, attempt number...), so one lookup replaces encoding each attribute.
+_span_attributes_cache: dict[tuple[tuple[tuple[str, Any], ...], tuple[type, ...]], bytes] = {}
 
 
 class _UnsupportedValue(TypeError):
@@ -217,6 +221,30 @@ def _attribute_fields(attributes: Iterable[tuple[str, Any]], tag: bytes, out: li
             logger.warning("not exporting span attribute %r: %s", key, error)
 
 
+def _span_attribute_fields(attributes: Mapping[str, Any] | None, out: list[bytes]) -> None:
+    """Appends the `Span.attributes` fields, from the cache when the same set was encoded before."""
+    if not attributes:
+        return
+    plain = getattr(attributes, "_dict", attributes)  # an SDK span's BoundedAttributes wraps a dict
+    if type(plain) is not dict:
+        _attribute_fields(_items(attributes), _SPAN_ATTRIBUTE, out)
+        return
+    try:
+        key = (tuple(plain.items()), tuple(map(type, plain.values())))
+        encoded = _span_attributes_cache.get(key)
+    except TypeError:  # an unhashable value (a list): encoded each time
+        _attribute_fields(plain.items(), _SPAN_ATTRIBUTE, out)
+        return
+    if encoded is None:
+        parts: list[bytes] = []
+        _attribute_fields(plain.items(), _SPAN_ATTRIBUTE, parts)
+        encoded = b"".join(parts)
+        if len(_span_attributes_cache) >= _CACHE_LIMIT:
+            _span_attributes_cache.clear()
+        _span_attributes_cache[key] = encoded
+    out.append(encoded)
+
+
 def _items(attributes: Mapping[str, Any] | None) -> Iterable[tuple[str, Any]]:
     if not attributes:
         return ()
@@ -305,7 +333,7 @@ def encode_span(span: ReadableSpan) -> bytes:
     # skips that (~1 us per span). The public property is the fallback should
     # a later SDK rename its private fields.
     attributes = getattr(span, "_attributes", None)
-    _attribute_fields(_items(span.attributes if attributes is None else attributes), _SPAN_ATTRIBUTE, out)
+    _span_attribute_fields(span.attributes if attributes is None else attributes, out)
     dropped = span.dropped_attributes
     if dropped:
         out.append(b"\x50" + encode_varint(dropped))

@@ -12,10 +12,10 @@ import time
 
 import grpc
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from meshserve.telemetry import rpc_server_attributes
+from meshserve.telemetry import extract_traceparent, rpc_server_attributes
 from protos import grpc_service_pb2 as pb
 from worker.batcher import Job
 from worker.codec import decode_inputs, encode_response, requested_outputs
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("meshserve.worker")
 
 SERVICE = "inference.GRPCInferenceService"
+SERVER_SPAN_ATTRIBUTES = rpc_server_attributes(SERVICE, "ModelInfer")
 DRAINING_MESSAGE = "worker is draining; retry the request on another worker"
 UNKNOWN_MODEL_LABEL = "<unknown>"  # keeps a client's typos out of metric label values
 
@@ -86,10 +87,7 @@ class InferenceEngine:
                     "worker ModelInfer",
                     context=trace_context,
                     kind=SpanKind.SERVER,
-                    attributes={
-                        **rpc_server_attributes(SERVICE, "ModelInfer"),
-                        "meshserve.model": f"{model.name}:{model.version}",
-                    },
+                    attributes={**SERVER_SPAN_ATTRIBUTES, "meshserve.model": f"{model.name}:{model.version}"},
                 )
             arrays, rows = decode_inputs(model, request)
             indices = requested_outputs(model, request)
@@ -145,10 +143,8 @@ class InferenceEngine:
             deadline = asyncio.get_running_loop().time() + params["meshserve.deadline_ms"].int64_param / 1000
         trace_context = None
         if self.tracing and "traceparent" in params:
-            carrier = {"traceparent": params["traceparent"].string_param}
-            if "tracestate" in params:
-                carrier["tracestate"] = params["tracestate"].string_param
-            trace_context = propagate.extract(carrier)
+            tracestate = params["tracestate"].string_param if "tracestate" in params else None
+            trace_context = extract_traceparent(params["traceparent"].string_param, tracestate)
         try:
             response = await self.infer(request, deadline, trace_context)
             reply = pb.ModelStreamInferResponse(infer_response=response)

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
-from opentelemetry import propagate
 
 from meshserve import __version__
+from meshserve.telemetry import extract_traceparent
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import mesh_pb2, mesh_pb2_grpc
@@ -70,7 +70,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, mesh_pb2_grpc.Work
         engine = self.engine
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
-        trace_context = propagate.extract(dict(context.invocation_metadata() or ())) if engine.tracing else None
+        trace_context = None
+        if engine.tracing:
+            metadata = dict(context.invocation_metadata() or ())
+            trace_context = extract_traceparent(metadata.get("traceparent"), metadata.get("tracestate"))
         try:
             response = await engine.infer(request, deadline, trace_context)
         except InferenceError as exc:

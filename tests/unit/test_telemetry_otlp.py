@@ -528,3 +528,21 @@ def test_a_hung_collector_does_not_hold_shutdown_past_its_timeout(silent_collect
     assert _shutdown_within(processor, timeout_millis=300, join_s=30)
     assert processor.exported_spans == 0
     assert processor.dropped_spans + processor.failed_spans == 200
+
+
+def test_attribute_sets_that_compare_equal_but_differ_in_type_are_encoded_apart() -> None:
+    """The whole-set cache keys on the values' types too: 1, 1.0 and True are equal in Python, not in OTLP."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("meshserve.cache")
+    for value in (1, 1.0, True, 1, True):
+        tracer.start_span("s", attributes={"rpc.system": "grpc", "n": value}).end()
+    spans = list(exporter.get_finished_spans())
+    expected = {span.span_id: span for scope in _expected(spans).resource_spans[0].scope_spans for span in scope.spans}
+    kinds = []
+    for span in spans:
+        ours = trace_pb2.Span.FromString(otlp.encode_span(span))
+        assert ours == expected[ours.span_id]
+        kinds.append(ours.attributes[1].value.WhichOneof("value"))
+    assert kinds == ["int_value", "double_value", "bool_value", "int_value", "bool_value"]

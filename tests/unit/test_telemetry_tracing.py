@@ -160,3 +160,45 @@ def test_rpc_server_attributes_follow_the_semantic_conventions() -> None:
 
 def test_shutdown_without_tracing_is_a_no_op() -> None:
     telemetry.shutdown(timeout_s=0.1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        SAMPLED_PARENT,
+        SAMPLED_PARENT[:-2] + "00",  # not sampled
+        SAMPLED_PARENT.upper(),  # W3C hex is lowercase
+        "ff" + SAMPLED_PARENT[2:],  # version ff is invalid
+        "01" + SAMPLED_PARENT[2:] + "-future",  # a later version may add fields
+        "00" + SAMPLED_PARENT[2:] + "-extra",  # version 00 may not
+        f"00-{'0' * 32}-b7ad6b7169203331-01",  # zero trace id
+        f"00-{REMOTE_TRACE_ID}-{'0' * 16}-01",  # zero span id
+        f"00-{REMOTE_TRACE_ID}-b7ad6b7169203331-0_",
+        f"00-{REMOTE_TRACE_ID[:31]}_-b7ad6b7169203331-01",  # int(..., 16) would take the underscore
+        " " + SAMPLED_PARENT,
+        "",
+        "garbage",
+    ],
+)
+@pytest.mark.parametrize("tracestate", [None, "vendor=opaque,other=x-1"])
+def test_the_traceparent_fast_path_extracts_what_the_propagator_does(value: str, tracestate: str | None) -> None:
+    telemetry.install_propagator()
+    carrier = {"traceparent": value} | ({"tracestate": tracestate} if tracestate else {})
+    expected = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+    extracted = telemetry.extract_traceparent(value, tracestate)
+    if not expected.is_valid:
+        assert extracted is None
+        return
+    assert extracted is not None
+    assert trace.get_current_span(extracted).get_span_context() == expected
+
+
+@pytest.mark.parametrize("flags", [trace.TraceFlags.SAMPLED, trace.TraceFlags.DEFAULT])
+def test_format_traceparent_writes_what_the_propagator_injects(flags: int) -> None:
+    telemetry.install_propagator()
+    span_context = trace.SpanContext(
+        0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, False, trace.TraceFlags(flags)
+    )
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, trace.set_span_in_context(trace.NonRecordingSpan(span_context)))
+    assert telemetry.format_traceparent(span_context) == carrier["traceparent"]
