@@ -77,6 +77,15 @@ class Peer:
     client: TritonClientLoad | None = None
 
 
+def sampler_env(ratio: float) -> dict[str, str]:
+    """The traced mesh's sampler: every request at 1 (issue 6's setting), else a share of new traces."""
+    if not 0.0 <= ratio <= 1.0:
+        raise SystemExit(f"--tracing-ratio must lie in [0, 1], got {ratio}")
+    if ratio == 1.0:
+        return {"OTEL_TRACES_SAMPLER": "always_on"}
+    return {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": repr(ratio)}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
@@ -87,6 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mesh-workers", type=int, default=1, help="workers behind each gateway")
     parser.add_argument("--gateway-processes", type=int, default=1)
     parser.add_argument("--no-tracing", action="store_true", help="skip the traced mesh (issue 6)")
+    parser.add_argument(
+        "--tracing-ratio",
+        type=float,
+        default=1.0,
+        help="share of requests the traced mesh samples (parentbased_traceidratio below 1; issue 6's goal is at 1)",
+    )
     parser.add_argument(
         "--no-bare-proxy", action="store_true", help="skip the bare grpc.aio proxy peer (the hop's floor)"
     )
@@ -462,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tracing_env = {
                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}",
                     "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                    "OTEL_TRACES_SAMPLER": "always_on",
+                    **sampler_env(args.tracing_ratio),
                 }
                 _, traced = bench.start_mesh(MESH_TRACED, env=tracing_env)
                 traced.processes["otlp-receiver"] = receiver
@@ -523,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "triton_default_delay_us": args.triton_default_delay_us,
             "intra_op_threads": {m: {"threads": t, "instances": i} for m, (t, i) in bench.threads.items()},
             "providers": bench.providers,
+            "tracing_ratio": args.tracing_ratio,
         },
         "otlp_receiver": receiver_totals,
         "notes": bench.notes,

@@ -89,6 +89,15 @@ def test_targets_compute_ratios_and_verdicts() -> None:
     assert tracing.measured == pytest.approx(5.0) and tracing.met
 
 
+def test_a_tracing_cost_at_a_lower_sampling_ratio_is_reported_but_not_judged() -> None:
+    data = full_run()
+    data["settings"]["tracing_ratio"] = 0.1
+    by_what = {t.what: t for t in targets(data, cells(data["points"]))}
+    tracing = by_what["tracing throughput cost (10% sampled, OTLP), mlp784, c=32"]
+    assert tracing.measured == pytest.approx(5.0) and tracing.met is None
+    assert "| 5.0% | <= 10% at 100% sampled | not the goal's setting |" in tracing.row()
+
+
 def test_markdown_marks_misses_and_missing_peers() -> None:
     data = full_run()
     data["points"] = [p for p in data["points"] if p["peer"] != "triton"]
