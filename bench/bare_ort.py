@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import CPU
+from worker.runtime import instance_cores
 from worker.tensors import onnx_numpy_dtype
 
 
@@ -29,6 +30,7 @@ class BatchThroughput:
     instances: int = 1
     threads: int = 1
     provider: str = CPU
+    pinned: bool = False  # each session on cores of its own, as the worker pins its instances
 
 
 def model_path(model_dir: Path) -> Path:
@@ -73,12 +75,15 @@ def measure(
     threads: int | None = None,
     instances: int = 1,
     provider: str = CPU,
+    pinned: bool = False,
 ) -> list[BatchThroughput]:
     """Samples/s at each batch size: `instances` sessions of `threads` threads each, running side by side, on
-    `provider` (the one the worker got, so a GPU worker is compared with bare ORT on the same GPU)."""
+    `provider` (the one the worker got, so a GPU worker is compared with bare ORT on the same GPU); `pinned`
+    runs each session's thread on the cores `worker.runtime.instance_cores` gives that instance."""
     threads = threads or os.cpu_count() or 1
     path = model_path(model_dir)
     sessions = [session(path, threads, provider) for _ in range(max(instances, 1))]
+    cores = sorted(os.sched_getaffinity(0)) if pinned else []
     results = []
     with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
         for batch_size in batch_sizes:
@@ -88,15 +93,20 @@ def measure(
             started = time.perf_counter()
             deadline = started + seconds_each
 
-            def loop(sess: object, feeds: dict[str, np.ndarray] = feeds, deadline: float = deadline) -> int:
+            def loop(index: int, feeds: dict[str, np.ndarray] = feeds, deadline: float = deadline) -> int:
                 # ONNX Runtime releases the GIL, so sessions in threads run in parallel like instances.
+                if cores:
+                    os.sched_setaffinity(0, instance_cores(index, threads, cores))
                 runs = 0
+                sess = sessions[index]
                 while time.perf_counter() < deadline or runs < 3:
                     sess.run(None, feeds)  # type: ignore[attr-defined]
                     runs += 1
+                if cores:
+                    os.sched_setaffinity(0, cores)
                 return runs
 
-            runs = sum(pool.map(loop, sessions))
+            runs = sum(pool.map(loop, range(len(sessions))))
             elapsed = time.perf_counter() - started
             results.append(
                 BatchThroughput(
@@ -107,6 +117,7 @@ def measure(
                     len(sessions),
                     threads,
                     provider,
+                    bool(cores),
                 )
             )
     return results

@@ -252,18 +252,20 @@ def ort_table(run: dict[str, Any]) -> list[str]:
     lines = ["### bare ONNX Runtime in-process (the worker's thread budget)", ""]
     for model, results in run["bare_ort"].items():
         best = max(results, key=lambda r: r["samples_per_s"])
-        layouts: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+        layouts: dict[tuple[int, int, bool], list[dict[str, Any]]] = defaultdict(list)
         for r in results:
-            layouts[(r.get("instances", 1), r.get("threads", 0))].append(r)
+            layouts[(r.get("instances", 1), r.get("threads", 0), r.get("pinned", False))].append(r)
         on = "" if best.get("provider", CPU) == CPU else f" on {best['provider']}"
-        for (instances, threads), rows in layouts.items():
+        for (instances, threads, pinned), rows in layouts.items():
             by_batch = ", ".join(f"b{r['batch_size']}: {r['samples_per_s']:.0f}" for r in rows)
+            how = "pinned side by side" if pinned else "side by side"
             lines.append(
-                f"- **{model}**{on}, {instances} session(s) x {threads} thread(s) side by side, samples/s: {by_batch}"
+                f"- **{model}**{on}, {instances} session(s) x {threads} thread(s) {how}, samples/s: {by_batch}"
             )
         lines.append(
             f"- **{model}** best: {best['samples_per_s']:.0f} samples/s "
-            f"(b{best['batch_size']}, {best.get('instances', 1)} x {best.get('threads', 0)} threads)"
+            f"(b{best['batch_size']}, {best.get('instances', 1)} x {best.get('threads', 0)} threads"
+            f"{', pinned' if best.get('pinned') else ''})"
         )
     return [*lines, ""]
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,7 +38,7 @@ from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 from meshserve.busywait import BusyWait
 from worker.errors import InferenceError
 from worker.metrics import ModelMetrics
-from worker.runtime import OnnxModel
+from worker.runtime import OnnxModel, instance_cores
 from worker.tensors import encode_output
 from worker.wakeup import Wakeup
 
@@ -107,6 +108,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._wakeup: Wakeup | None = None  # started by the first queue-delay wait
+        self._own_executors: list[ThreadPoolExecutor] = []  # one per pinned instance
         self.running = 0  # jobs inside ONNX Runtime right now
 
     @property
@@ -114,15 +116,36 @@ class Batcher:
         return len(self._queue)
 
     def start(self) -> None:
-        for index in range(self.model.config.instance_count):
-            name = f"batcher {self.model.name}:{self.model.version}#{index}"
-            self._tasks.append(asyncio.get_running_loop().create_task(self._serve(), name=name))
+        model = self.model
+        cores = sorted(os.sched_getaffinity(0)) if model.pinned else []
+        for index in range(model.config.instance_count):
+            name = f"batcher {model.name}:{model.version}#{index}"
+            executor = self.executor
+            if cores:
+                # One thread per instance, pinned: a run stays on its cores from start to end.
+                pinned = instance_cores(index, model.intra_op_threads, cores)
+                executor = ThreadPoolExecutor(
+                    1, f"ort-{model.name}-{index}", initializer=os.sched_setaffinity, initargs=(0, pinned)
+                )
+                self._own_executors.append(executor)
+                log.info(
+                    "model %s version %d instance %d runs on cores %s",
+                    model.name,
+                    model.version,
+                    index,
+                    ",".join(map(str, sorted(pinned))),
+                    extra={"model": f"{model.name}:{model.version}"},
+                )
+            self._tasks.append(asyncio.get_running_loop().create_task(self._serve(executor), name=name))
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        for executor in self._own_executors:
+            executor.shutdown(wait=False)  # a cancelled run stops at ONNX Runtime's next operator
+        self._own_executors.clear()
         if self._wakeup is not None:
             self._wakeup.close()
             self._wakeup = None
@@ -143,7 +166,7 @@ class Batcher:
         self._arrived.set()
         return job.future
 
-    async def _serve(self) -> None:
+    async def _serve(self, executor: Executor) -> None:
         while True:
             while not self._queue:
                 self._arrived.clear()
@@ -156,7 +179,7 @@ class Batcher:
             if not batch:
                 continue
             try:
-                await self._execute(batch)
+                await self._execute(batch, executor)
             except asyncio.CancelledError:  # stopped (unloaded) mid-run: nobody may wait forever
                 _fail(batch, InferenceError(grpc.StatusCode.UNAVAILABLE, "model was unloaded"))
                 raise
@@ -239,7 +262,7 @@ class Batcher:
             self._queue.extendleft(reversed(batch[cut:]))
             del batch[cut:]
 
-    async def _execute(self, batch: list[Job]) -> None:
+    async def _execute(self, batch: list[Job], executor: Executor) -> None:
         size = sum(job.rows for job in batch)
         self.running += len(batch)
         span = None
@@ -249,7 +272,7 @@ class Batcher:
             if self.model.runs_inline:
                 outcomes = self._run(batch, size, span, None)
             else:
-                outcomes = await self._run_in_executor(batch, size, span)
+                outcomes = await self._run_in_executor(executor, batch, size, span)
         except Exception as exc:  # never let the batching loop die
             log.exception("batch of %d for %s:%s failed", size, self.model.name, self.model.version)
             outcomes = [_run_error(self.model, exc)] * len(batch)
@@ -267,7 +290,7 @@ class Batcher:
                 job.future.set_result(outcome)
 
     async def _run_in_executor(
-        self, batch: list[Job], size: int, span: trace.Span | None
+        self, executor: Executor, batch: list[Job], size: int, span: trace.Span | None
     ) -> list[JobResult | InferenceError]:
         """The run in a thread, stopped early (ONNX Runtime's terminate flag) once nobody waits for it:
         every request of the batch cancelled, or the model unloaded. A multi-second batch whose
@@ -283,9 +306,7 @@ class Batcher:
         for job in batch:
             job.future.add_done_callback(abandon_if_nobody_waits)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._run, batch, size, span, options
-            )
+            return await asyncio.get_running_loop().run_in_executor(executor, self._run, batch, size, span, options)
         except asyncio.CancelledError:  # unloaded mid-run
             self._abandon(options, "the model is being unloaded")
             raise

@@ -43,6 +43,12 @@ class ModelLoadError(Exception):
     """A model file ONNX Runtime cannot serve; the message names the file and the reason."""
 
 
+def instance_cores(index: int, threads: int, cores: Sequence[int]) -> set[int]:
+    """The cores instance `index` of a model with `threads` intra-op threads per instance runs on: the
+    next `threads` of `cores` in turn, so instances get disjoint sets while they fit and share evenly after."""
+    return {cores[(index * threads + offset) % len(cores)] for offset in range(min(threads, len(cores)))}
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers narrow), not the host's."""
     if hasattr(os, "sched_getaffinity"):
@@ -214,6 +220,24 @@ class OnnxModel:
         # ONNX Runtime falls back to the next provider itself when one (CUDA) cannot start.
         with printed_to_log(logging.WARNING, f"opening {self.path}"):
             return ort.InferenceSession(str(self.path), sess_options=options, providers=self._providers)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether each instance runs on cores of its own (`pin_instances`): CPU runs in the executor, several
+        instances whose threads cover every usable core, and a platform that can pin a thread. Decided after
+        `warm_up`, which picks the threads and may move runs inline.
+
+        A smaller thread budget is left to the kernel: every worker process would pin its instances to the
+        same first cores, and several workers on one host would crowd those while the rest stay idle."""
+        config = self.config
+        return (
+            config.pin_instances
+            and config.instance_count > 1
+            and config.instance_count * self.intra_op_threads >= usable_cores()
+            and self.device == "cpu"
+            and not self.runs_inline
+            and hasattr(os, "sched_setaffinity")
+        )
 
     @property
     def device(self) -> str:

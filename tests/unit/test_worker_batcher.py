@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -318,7 +319,7 @@ async def test_instance_count_runs_batches_side_by_side(tmp_path: Path) -> None:
     release = threading.Event()
     for _ in range(4):  # hold every thread, so runs stay in flight until released
         pool.submit(release.wait, 10)
-    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2))
+    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2, pin_instances=False))
     batcher = Batcher(model, pool, WorkerMetrics().for_model("m"))
     batcher.start()
     first = batcher.submit(job(np.zeros((1, 4), np.float32)))
@@ -332,6 +333,36 @@ async def test_instance_count_runs_batches_side_by_side(tmp_path: Path) -> None:
     np.testing.assert_array_equal(results[1].outputs[0], np.full((1, 4), 2, np.float32))
     await batcher.stop()
     pool.shutdown(wait=True)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to"
+)
+async def test_pinned_instances_run_side_by_side_each_on_a_core_of_its_own(tmp_path: Path) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    threads = len(cores) // 2  # two instances over every core: what automatic threads give a slow model
+    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2, intra_op_threads=threads))
+    assert model.pinned
+    seen: list[frozenset[int]] = []
+    both_inside = threading.Barrier(2, timeout=10)  # breaks (failing the runs) unless two runs overlap
+    original_run = model.run
+
+    def run(feeds: dict[str, np.ndarray], options: object = None) -> list[np.ndarray]:
+        seen.append(frozenset(os.sched_getaffinity(0)))
+        both_inside.wait()
+        return original_run(feeds, options)  # type: ignore[arg-type]
+
+    model.run = run  # type: ignore[method-assign]
+    batcher = Batcher(model, ThreadPoolExecutor(max_workers=1), WorkerMetrics().for_model("m"))
+    batcher.start()
+    first = batcher.submit(job(np.zeros((1, 4), np.float32)))
+    await asyncio.sleep(0.05)  # the first instance takes it and waits for company
+    second = batcher.submit(job(np.ones((1, 4), np.float32)))
+    results = await asyncio.wait_for(asyncio.gather(first, second), 20)
+    np.testing.assert_array_equal(results[1].outputs[0], np.full((1, 4), 2, np.float32))
+    assert sorted(seen, key=min) == [frozenset(cores[:threads]), frozenset(cores[threads : 2 * threads])]
+    assert sorted(os.sched_getaffinity(0)) == cores  # only the instances' threads are pinned
+    await batcher.stop()
 
 
 async def test_a_microsecond_model_runs_on_the_event_loop_thread(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from tests.worker_models import add_model
 from worker.config import ModelConfig
-from worker.runtime import OnnxModel, pad_rows, padded_batch_size, usable_providers
+from worker.runtime import OnnxModel, instance_cores, pad_rows, padded_batch_size, usable_providers
 
 
 def test_provider_probe_and_model_load_print_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -172,3 +173,33 @@ def test_padding_repeats_the_last_row_of_any_datatype() -> None:
     np.testing.assert_array_equal(pad_rows(strings, 4), np.array([[b"a"], [b"bc"], [b"bc"], [b"bc"]], dtype=object))
     ints = np.array([[7, 8]], dtype=np.int64)
     np.testing.assert_array_equal(pad_rows(ints, 3), np.array([[7, 8]] * 3, dtype=np.int64))
+
+
+def test_instances_get_disjoint_cores_while_they_fit_and_share_evenly_after() -> None:
+    assert [instance_cores(i, 1, [0, 1]) for i in range(4)] == [{0}, {1}, {0}, {1}]
+    assert [instance_cores(i, 2, [0, 1, 2, 3]) for i in range(2)] == [{0, 1}, {2, 3}]
+    assert instance_cores(0, 4, [4, 6]) == {4, 6}  # more threads than cores: all of them
+    assert instance_cores(1, 1, [3, 5, 7]) == {5}  # the process's own cores, not 0..n
+
+
+@pytest.mark.parametrize(
+    ("config", "pinned"),
+    [
+        ({"instance_count": 2, "intra_op_threads": 4}, True),  # 2 x 4 threads: all 8 cores
+        ({"instance_count": 4, "intra_op_threads": 2}, True),
+        ({"instance_count": 2, "intra_op_threads": 4, "pin_instances": False}, False),
+        ({"instance_count": 1, "intra_op_threads": 8}, False),  # one instance: the kernel balances it
+        ({"instance_count": 2, "intra_op_threads": 1}, False),  # 2 of 8 cores: other workers would crowd them
+    ],
+)
+def test_only_several_cpu_instances_that_cover_the_cores_are_pinned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict[str, object], pinned: bool
+) -> None:
+    monkeypatch.setattr("worker.runtime.usable_cores", lambda: 8)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(add_model(1.0).SerializeToString())
+    model = OnnxModel("m", 1, path, ModelConfig(**config), ["CPUExecutionProvider"])
+    model.warm_up()
+    assert model.runs_inline and not model.pinned  # a microsecond model runs on the loop's thread
+    model.runs_inline = False
+    assert model.pinned is (pinned and hasattr(os, "sched_setaffinity"))
