@@ -58,11 +58,12 @@ class ModelConfig(BaseModel):
     # takes >= 1 ms, else one thread (see OnnxModel.warm_up).
     intra_op_threads: int = Field(default=0, ge=0)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
-    # Several instances of a CPU model whose threads cover every usable core (automatic threads do)
-    # each run on cores of their own (their intra_op_threads of them, in turn), so the kernel cannot
-    # move a run between cores mid-run, nor stack two instances on one core while another waits:
-    # +9% throughput for the demo cnn at c=32 on 2 cores.
-    pin_instances: bool = True
+    # For a host (or cpuset) that runs one worker: several instances of a CPU model whose threads
+    # cover every usable core (automatic threads do) each run on cores of their own, so the kernel
+    # cannot move a run between cores mid-run, nor stack two instances on one core while another
+    # waits (demo cnn, c=32, 2 cores: +7%). Off by default: workers sharing cores would all pin
+    # their first instance to the same core (2 workers, cnn, c=2: 162 against 184 req/s).
+    pin_instances: bool = False
     # Pad every batch to max_batch_size rows (copies of its last row) and cut the answers back, so
     # ONNX Runtime always sees one input shape. On CUDA a Conv rebuilds its cuDNN plan whenever the
     # shape differs from the previous run's (~55 ms on an H200), and a dynamic batcher changes it on

@@ -319,7 +319,7 @@ async def test_instance_count_runs_batches_side_by_side(tmp_path: Path) -> None:
     release = threading.Event()
     for _ in range(4):  # hold every thread, so runs stay in flight until released
         pool.submit(release.wait, 10)
-    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2, pin_instances=False))
+    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2))
     batcher = Batcher(model, pool, WorkerMetrics().for_model("m"))
     batcher.start()
     first = batcher.submit(job(np.zeros((1, 4), np.float32)))
@@ -341,7 +341,7 @@ async def test_instance_count_runs_batches_side_by_side(tmp_path: Path) -> None:
 async def test_pinned_instances_run_side_by_side_each_on_a_core_of_its_own(tmp_path: Path) -> None:
     cores = sorted(os.sched_getaffinity(0))
     threads = len(cores) // 2  # two instances over every core: what automatic threads give a slow model
-    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2, intra_op_threads=threads))
+    model = in_executor(load(tmp_path, add_model(1.0), instance_count=2, intra_op_threads=threads, pin_instances=True))
     assert model.pinned
     seen: list[frozenset[int]] = []
     both_inside = threading.Barrier(2, timeout=10)  # breaks (failing the runs) unless two runs overlap

@@ -185,11 +185,11 @@ def test_instances_get_disjoint_cores_while_they_fit_and_share_evenly_after() ->
 @pytest.mark.parametrize(
     ("config", "pinned"),
     [
-        ({"instance_count": 2, "intra_op_threads": 4}, True),  # 2 x 4 threads: all 8 cores
-        ({"instance_count": 4, "intra_op_threads": 2}, True),
-        ({"instance_count": 2, "intra_op_threads": 4, "pin_instances": False}, False),
-        ({"instance_count": 1, "intra_op_threads": 8}, False),  # one instance: the kernel balances it
-        ({"instance_count": 2, "intra_op_threads": 1}, False),  # 2 of 8 cores: other workers would crowd them
+        ({"instance_count": 2, "intra_op_threads": 4, "pin_instances": True}, True),  # 2 x 4 threads: all 8 cores
+        ({"instance_count": 4, "intra_op_threads": 2, "pin_instances": True}, True),
+        ({"instance_count": 2, "intra_op_threads": 4}, False),  # off unless asked for
+        ({"instance_count": 1, "intra_op_threads": 8, "pin_instances": True}, False),  # the kernel balances one
+        ({"instance_count": 2, "intra_op_threads": 1, "pin_instances": True}, False),  # 2 of 8 cores: crowded
     ],
 )
 def test_only_several_cpu_instances_that_cover_the_cores_are_pinned(
