@@ -340,6 +340,11 @@ class Balancer:
     ) -> AbstractContextManager[trace.Span]:
         if self._tracer is None:
             return _NO_SPAN
+        parent = trace.get_current_span().get_span_context()
+        if parent.is_valid and not parent.trace_flags.sampled:
+            # An unsampled request: no built-in sampler records a child of it (parent-based ones follow
+            # the flag, a trace-id ratio decides the same way for the same trace), so skip the span.
+            return _NO_SPAN
         return self._tracer.start_as_current_span(
             "balancer.attempt",
             attributes={

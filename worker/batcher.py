@@ -55,7 +55,7 @@ class Job:
     output_indices: list[int]
     future: asyncio.Future[JobResult]
     deadline: float | None = None  # loop.time() after which running it is pointless
-    span_context: SpanContext | None = None  # the request's server span, when tracing
+    span_context: SpanContext | None = None  # the request's server span, when it is recorded
     enqueued_ns: int = field(default_factory=time.time_ns)
 
     @property
@@ -266,7 +266,7 @@ class Batcher:
         size = sum(job.rows for job in batch)
         self.running += len(batch)
         span = None
-        if self.tracing:
+        if self.tracing and any(job.span_context is not None for job in batch):  # a batch of sampled requests
             span = self._trace_batch(batch, size)
         try:
             if self.model.runs_inline:

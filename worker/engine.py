@@ -102,7 +102,8 @@ class InferenceEngine:
                 indices,
                 loop.create_future(),
                 deadline,
-                span.get_span_context() if span is not None else None,
+                # Queue wait and batch links only for a request whose spans are recorded.
+                span.get_span_context() if span is not None and span.is_recording() else None,
             )
             result = await served.batcher.submit(job)
             return encode_response(model, request.id, indices, result)

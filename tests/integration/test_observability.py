@@ -224,6 +224,26 @@ def test_a_batch_span_links_the_requests_it_merged(mesh: Mesh) -> None:
     assert sum(len(set(batch.links) & worker_spans.keys()) for batch in batches) == len(worker_spans)
 
 
+def test_an_unsampled_request_leaves_no_span_and_no_link(mesh: Mesh) -> None:
+    """A client that did not sample (flags 00) gets nothing recorded anywhere, not even a batch span
+    (a root span of its own) linking to it."""
+    unsampled_id, sampled_parent = secrets.token_hex(16), new_traceparent()
+    with grpc.insecure_channel(mesh.worker_addresses[0]) as channel:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(
+            infer_request("cnn"), metadata=[("traceparent", f"00-{unsampled_id}-{'1' * 16}-00")], timeout=20
+        )
+        # Then a sampled one through the same worker: its spans leave after the first request's would have.
+        stub.ModelInfer(infer_request("cnn"), metadata=[("traceparent", sampled_parent[0])], timeout=20)
+    (server,) = spans_of(mesh, sampled_parent[1], {"worker ModelInfer"})["worker ModelInfer"]
+    received = mesh.receiver.wait_for(
+        lambda spans: any(s.name == "worker.batch" and (server.trace_id, server.span_id) in s.links for s in spans),
+        what="the sampled request's batch span",
+    )
+    assert not [span.name for span in received if span.trace_id == unsampled_id]
+    assert not [span.name for span in received for link in span.links if link[0] == unsampled_id]
+
+
 def prometheus_worker_targets(mesh: Mesh) -> list[str]:
     """What deploy/prometheus/prometheus.yml's consul_sd relabelling makes of the catalog:
     `<service address>:<Meta.metrics_port>` for each passing meshserve-worker."""

@@ -8,6 +8,7 @@ import random
 
 import grpc
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -413,3 +414,32 @@ async def test_each_attempt_is_a_span() -> None:
     assert {a["meshserve.outcome"] for a in attributes} == {"unavailable"}
     assert {a["meshserve.policy"] for a in attributes} == {"round_robin"}
     assert {a["meshserve.hedge"] for a in attributes} == {False}
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+async def test_an_unsampled_request_gets_no_attempt_span(sampled: bool) -> None:
+    """Under an unsampled server span no built-in sampler would record the attempt: it is not even built,
+    and the attempt runs with the server span current (its traceparent says "not sampled" downstream)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    lb = make_balancer(1)
+    lb._tracer = provider.get_tracer("test")
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if sampled else trace.TraceFlags.DEFAULT)
+    server = trace.SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, False, flags)
+    seen: list[trace.SpanContext] = []
+
+    async def attempt(endpoint: Endpoint, _remaining: float | None) -> str:
+        seen.append(trace.get_current_span().get_span_context())
+        return endpoint.id
+
+    with trace.use_span(trace.NonRecordingSpan(server)):
+        await lb.call("digits", "1", attempt, timeout=5)
+    (current,) = seen
+    assert current.trace_id == server.trace_id
+    if sampled:
+        assert current.span_id != server.span_id
+        assert [s.name for s in exporter.get_finished_spans()] == ["balancer.attempt"]
+    else:
+        assert current == server
+        assert not exporter.get_finished_spans()
