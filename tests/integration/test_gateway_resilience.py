@@ -15,7 +15,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import ProcessGroup, free_port
+from tests.harness import ManagedProcess, ProcessGroup, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -106,12 +106,18 @@ def test_a_gateway_accepts_requests_only_once_it_has_read_the_registry(
         assert client.is_model_ready("mlp784", headers={"authorization": "Bearer k"})
 
 
-def test_with_the_registry_unreachable_a_gateway_serves_after_its_first_read_limit(processes: ProcessGroup) -> None:
+def gateway_without_registry(processes: ProcessGroup, first_read_s: int) -> tuple[ManagedProcess, int]:
+    """A gateway whose registry address has nothing listening; returns it and its port."""
     port, nothing_there = free_port(), free_port()
     gateway = processes.start(
         "gateway", "gateway", "--registry", f"consul://127.0.0.1:{nothing_there}", "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", "0", env={"MESHSERVE_REGISTRY_FIRST_READ_S": "1"},
+        "--port", str(port), "--metrics-port", "0", env={"MESHSERVE_REGISTRY_FIRST_READ_S": str(first_read_s)},
     )  # fmt: skip
+    return gateway, port
+
+
+def test_with_the_registry_unreachable_a_gateway_serves_after_its_first_read_limit(processes: ProcessGroup) -> None:
+    gateway, port = gateway_without_registry(processes, first_read_s=1)
     gateway.wait_for_output("gateway serving on", timeout=30)
     assert "not read within 1 s: serving anyway" in gateway.output()
     with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
@@ -121,11 +127,7 @@ def test_with_the_registry_unreachable_a_gateway_serves_after_its_first_read_lim
 
 def test_a_gateway_waiting_for_its_first_registry_read_stops_at_once_on_sigterm(processes: ProcessGroup) -> None:
     """An orchestrator's stop (compose: 10 s, then SIGKILL) must not wait out the first-read limit."""
-    port, nothing_there = free_port(), free_port()
-    gateway = processes.start(
-        "gateway", "gateway", "--registry", f"consul://127.0.0.1:{nothing_there}", "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", "0", env={"MESHSERVE_REGISTRY_FIRST_READ_S": "120"},
-    )  # fmt: skip
+    gateway, _ = gateway_without_registry(processes, first_read_s=120)
     gateway.wait_for_output("registry unreachable", timeout=30)  # the watch has tried: start() is waiting
     started = time.monotonic()
     assert gateway.stop(timeout=30) == 0
