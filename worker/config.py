@@ -67,7 +67,8 @@ class ModelConfig(BaseModel):
     # Pad every batch to max_batch_size rows (copies of its last row) and cut the answers back, so
     # ONNX Runtime always sees one input shape. On CUDA a Conv rebuilds its cuDNN plan whenever the
     # shape differs from the previous run's (~55 ms on an H200), and a dynamic batcher changes it on
-    # nearly every run; on the CPU the padding rows would cost their full compute. "auto": pad on CUDA.
+    # nearly every run; elsewhere the padding rows only cost compute. "auto": pad a model with
+    # convolutions on CUDA.
     batch_padding: Literal["auto", "always", "never"] = "auto"
 
     @model_validator(mode="after")

@@ -10,10 +10,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from worker.config import ModelConfig
@@ -148,13 +149,21 @@ def printed_to_log(level: int, what: str) -> Iterator[None]:
             log.log(level, "%s: %s", what, text)
 
 
-def padded_batch_size(config: ModelConfig, provider: str, batchable: bool) -> int:
-    """The rows every run is padded to (`batch_padding`), or 0 for no padding."""
+def padded_batch_size(config: ModelConfig, provider: str, batchable: bool, convolutions: Callable[[], bool]) -> int:
+    """The rows every run is padded to (`batch_padding`), or 0 for no padding. `auto` pads a model with
+    convolutions on CUDA, where a new input shape rebuilds cuDNN's Conv plans; elsewhere padding rows
+    only cost compute (an MLP on CUDA ran the first batch of each size as fast as the second)."""
     if not batchable or config.max_batch_size < 2 or config.batch_padding == "never":
         return 0
-    if config.batch_padding == "always" or provider == "CUDAExecutionProvider":
+    if config.batch_padding == "always" or (provider == "CUDAExecutionProvider" and convolutions()):
         return config.max_batch_size
     return 0
+
+
+def has_convolutions(path: Path) -> bool:
+    """Whether the model's graph runs a convolution (Conv, ConvTranspose, QLinearConv, ...); weights stay unread."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any("Conv" in node.op_type for node in graph.node)
 
 
 def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
@@ -202,7 +211,9 @@ class OnnxModel:
             config.max_batch_size > 0 and bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs)
         )
         self.max_batch_size = config.max_batch_size if self.batchable else 0
-        self.padded_batch_size = padded_batch_size(config, self.provider, self.batchable)
+        self.padded_batch_size = padded_batch_size(
+            config, self.provider, self.batchable, lambda: has_convolutions(path)
+        )
         if self.padded_batch_size:
             log.info("model %s version %d: every batch is padded to %d rows (batch_padding: %s, on %s)",
                      name, version, self.padded_batch_size, config.batch_padding, self.provider,

@@ -11,7 +11,14 @@ import pytest
 
 from tests.worker_models import add_model
 from worker.config import ModelConfig
-from worker.runtime import OnnxModel, instance_cores, pad_rows, padded_batch_size, usable_providers
+from worker.runtime import (
+    OnnxModel,
+    has_convolutions,
+    instance_cores,
+    pad_rows,
+    padded_batch_size,
+    usable_providers,
+)
 
 
 def test_provider_probe_and_model_load_print_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -124,22 +131,28 @@ def test_without_the_nvidia_driver_cuda_is_neither_loaded_nor_probed(
 
 
 @pytest.mark.parametrize(
-    ("padding", "provider", "batchable", "max_batch_size", "rows"),
+    ("padding", "provider", "convolutions", "batchable", "max_batch_size", "rows"),
     [
-        ("auto", "CUDAExecutionProvider", True, 32, 32),
-        ("auto", "CPUExecutionProvider", False, 32, 0),
-        ("auto", "CPUExecutionProvider", True, 32, 0),
-        ("always", "CPUExecutionProvider", True, 16, 16),
-        ("never", "CUDAExecutionProvider", True, 32, 0),
-        ("always", "CPUExecutionProvider", False, 32, 0),  # a model that is not batched keeps its shape
-        ("always", "CUDAExecutionProvider", True, 1, 0),  # one row is one shape already
+        ("auto", "CUDAExecutionProvider", True, True, 32, 32),
+        ("auto", "CUDAExecutionProvider", False, True, 32, 0),  # no cuDNN plan to keep: padding only costs
+        ("auto", "CPUExecutionProvider", True, True, 32, 0),
+        ("auto", "CPUExecutionProvider", True, False, 32, 0),
+        ("always", "CPUExecutionProvider", False, True, 16, 16),
+        ("never", "CUDAExecutionProvider", True, True, 32, 0),
+        ("always", "CPUExecutionProvider", True, False, 32, 0),  # a model that is not batched keeps its shape
+        ("always", "CUDAExecutionProvider", True, True, 1, 0),  # one row is one shape already
     ],
 )
-def test_batches_are_padded_on_cuda_or_when_asked(
-    padding: str, provider: str, batchable: bool, max_batch_size: int, rows: int
+def test_batches_are_padded_for_convolutions_on_cuda_or_when_asked(
+    padding: str, provider: str, convolutions: bool, batchable: bool, max_batch_size: int, rows: int
 ) -> None:
     config = ModelConfig(batch_padding=padding, max_batch_size=max_batch_size)
-    assert padded_batch_size(config, provider, batchable) == rows
+    assert padded_batch_size(config, provider, batchable, lambda: convolutions) == rows
+
+
+def test_convolutions_are_found_in_the_graph(demo_repository: Path) -> None:
+    assert has_convolutions(demo_repository / "cnn" / "1" / "model.onnx")
+    assert not has_convolutions(demo_repository / "mlp784" / "1" / "model.onnx")
 
 
 class ShapeRecorder:
