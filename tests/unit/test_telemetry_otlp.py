@@ -536,6 +536,7 @@ def test_attribute_sets_that_compare_equal_but_differ_in_type_are_encoded_apart(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("meshserve.cache")
+    otlp._span_attributes_cache.clear()
     for value in (1, 1.0, True, 1, True):
         tracer.start_span("s", attributes={"rpc.system": "grpc", "n": value}).end()
     spans = list(exporter.get_finished_spans())
@@ -546,3 +547,4 @@ def test_attribute_sets_that_compare_equal_but_differ_in_type_are_encoded_apart(
         assert ours == expected[ours.span_id]
         kinds.append(ours.attributes[1].value.WhichOneof("value"))
     assert kinds == ["int_value", "double_value", "bool_value", "int_value", "bool_value"]
+    assert len(otlp._span_attributes_cache) == 3  # the sets went through the cache, one entry per type
