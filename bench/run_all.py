@@ -194,7 +194,7 @@ class Bench:
         self.triton_version = ""
         self.threads: dict[str, tuple[int, int]] = {}
         self.providers: dict[str, str] = {}
-        self.pinned: dict[str, bool] = {}  # models whose instances the worker pins to cores
+        self.pinned: set[str] = set()  # models whose instances the worker pins to cores
 
     # ----- start-up -----
 
@@ -278,7 +278,7 @@ class Bench:
                 self.providers[model] = provider
                 if provider != CPU and model not in found:  # the GPU does the work: one thread per instance feeds it
                     found[model] = (1, load_model_config(self.repository / model).instance_count)
-            self.pinned = {model: True for model in WORKER_PINNED_LINE.findall(output)}
+            self.pinned = set(WORKER_PINNED_LINE.findall(output))
             return all(model in found for model in self.models)
 
         try:
@@ -514,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repository / model, batch_sizes, args.ort_seconds, threads, instances, provider
         )
         if instances > 1:
-            if bench.pinned.get(model):  # as the worker runs them, and (above) as the kernel would place them
+            if model in bench.pinned:  # as the worker runs them, and (above) as the kernel would place them
                 ort_results[model] += bare_ort.measure(
                     repository / model, batch_sizes, args.ort_seconds, threads, instances, provider, pinned=True
                 )
