@@ -438,6 +438,60 @@ def test_spans_ended_on_many_threads_all_arrive_once(receiver: RecordingReceiver
         processor.shutdown()
 
 
+def test_ended_spans_are_encoded_in_batches_where_they_end(
+    receiver: RecordingReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded_on: list[str] = []
+    real_encode = otlp.encode_span
+
+    def recording_encode(span: ReadableSpan) -> bytes:
+        encoded_on.append(threading.current_thread().name)
+        return real_encode(span)
+
+    monkeypatch.setattr(otlp, "encode_span", recording_encode)
+    processor = otlp.OtlpSpanProcessor(environ=otel_env(receiver, OTEL_BSP_SCHEDULE_DELAY="600000"))
+    tracer = _provider(processor).get_tracer("batches")
+    try:
+        for _ in range(otlp._ENCODE_BATCH - 1):
+            tracer.start_span("held").end()
+        assert encoded_on == [] and processor.buffered == otlp._ENCODE_BATCH - 1
+
+        tracer.start_span("completes the batch").end()
+        # The span that completed the batch encoded all of them, on the thread that ended it.
+        assert encoded_on == [threading.current_thread().name] * otlp._ENCODE_BATCH
+
+        tracer.start_span("straggler").end()
+        assert processor.force_flush(10_000)  # fewer than a batch: the sender encodes it when due
+        assert len(receiver.spans()) == otlp._ENCODE_BATCH + 1
+        assert encoded_on[-1] == "otlp-span-sender"
+    finally:
+        processor.shutdown()
+
+
+def test_a_span_that_cannot_be_encoded_costs_only_itself(
+    receiver: RecordingReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_encode = otlp.encode_span
+
+    def failing_encode(span: ReadableSpan) -> bytes:
+        if span.name == "bad":
+            raise ValueError("not encodable")
+        return real_encode(span)
+
+    monkeypatch.setattr(otlp, "encode_span", failing_encode)
+    processor = otlp.OtlpSpanProcessor(environ=otel_env(receiver, OTEL_BSP_SCHEDULE_DELAY="600000"))
+    tracer = _provider(processor).get_tracer("bad")
+    try:
+        names = ["bad" if i == 5 else f"good-{i}" for i in range(otlp._ENCODE_BATCH + 3)]
+        for name in names:
+            tracer.start_span(name).end()
+        assert processor.force_flush(10_000)  # the flush counts the failed span as done
+        assert sorted(span.name for span in receiver.spans()) == sorted(n for n in names if n != "bad")
+        assert processor.failed_spans == 1 and processor.exported_spans == len(names) - 1
+    finally:
+        processor.shutdown()
+
+
 def test_unsampled_spans_are_not_encoded_or_sent(receiver: RecordingReceiver) -> None:
     processor = otlp.OtlpSpanProcessor(environ=otel_env(receiver))
     tracer = _provider(processor, sampler=ALWAYS_OFF).get_tracer("off")
