@@ -1,12 +1,18 @@
-"""Where the mesh path spends CPU: py-spy samples of the gateway and the worker under load.
+"""Where the mesh path spends CPU: py-spy or perf samples of the gateway and the worker under load.
 
-    python -m bench.profile_mesh [--model mlp784] [--concurrency 32] [--seconds 6] [--top 25]
+    python -m bench.profile_mesh [--model mlp784] [--concurrency 32] [--seconds 6] [--top 25] [--perf]
 
 Starts registry + worker + gateway with the real CLI, loads the gateway from
 `tritonclient.grpc.aio`, records both servers with py-spy (`pip install
 py-spy`; needs ptrace rights) and prints, per process, the functions with the
 most samples on the stack (inclusive) and at the top of it (self), plus the
 CPU milliseconds each process spent per request.
+
+With `--perf`, Linux `perf` samples them instead (`perf record`, needs
+`perf_event_paranoid` <= 2 for one's own processes): every thread, kernel
+included, split by thread, by library and by function. That shows what
+py-spy cannot: how much of a process is the kernel switching and waking its
+threads, and how much grpc's own threads use.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -21,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import bare_ort
@@ -48,6 +56,56 @@ def parse_collapsed(text: str) -> tuple[Counter[str], Counter[str], int]:
         for frame in set(frames):
             inclusive[frame] += count
     return inclusive, own, total
+
+
+@dataclass
+class PerfProfile:
+    """Leaf frames of `perf script` samples, counted by thread, by library and by function."""
+
+    threads: Counter[str] = field(default_factory=Counter)
+    libraries: Counter[str] = field(default_factory=Counter)
+    functions: Counter[str] = field(default_factory=Counter)
+    total: int = 0
+
+
+# `perf script -F comm,tid,ip,sym,dso`: one line per sample, or with `-g` a
+# `comm tid` line followed by the sample's frames, leaf first, each on a tab-indented line.
+_PERF_SAMPLE = re.compile(r"^\s*(?P<comm>\S.*?)\s+(?P<tid>\d+)\s+[0-9a-f]+\s+(?P<sym>.*?)\s+\((?P<dso>[^()]*)\)\s*$")
+_PERF_HEADER = re.compile(r"^\s*(?P<comm>\S.*?)\s+(?P<tid>\d+)\s*$")
+_PERF_FRAME = re.compile(r"^\t\s*[0-9a-f]+\s+(?P<sym>.*?)\s+\((?P<dso>[^()]*)\)\s*$")
+
+
+def parse_perf_script(text: str, pid: int) -> PerfProfile:
+    """`perf script -F comm,tid,ip,sym,dso` output -> counts of each sample's leaf frame.
+
+    The thread whose id is the process id is the main thread, where the event loop runs.
+    """
+    profile = PerfProfile()
+
+    def count(comm: str, tid: str, sym: str, dso: str) -> None:
+        thread = "main" if tid == str(pid) else f"{comm} {tid}"
+        library = Path(dso).name or dso
+        profile.threads[thread] += 1
+        profile.libraries[library] += 1
+        profile.functions[f"{sym} ({library})"] += 1
+        profile.total += 1
+
+    waiting: tuple[str, str] | None = None  # a -g sample's thread, until its leaf frame
+    for line in text.splitlines():
+        frame = _PERF_FRAME.match(line)
+        if frame:
+            if waiting is not None:
+                count(*waiting, frame["sym"], frame["dso"])
+                waiting = None
+            continue
+        sample = _PERF_SAMPLE.match(line)
+        if sample:
+            count(sample["comm"], sample["tid"], sample["sym"], sample["dso"])
+            continue
+        header = _PERF_HEADER.match(line)
+        if header:
+            waiting = (header["comm"], header["tid"])
+    return profile
 
 
 def start_mesh(
@@ -117,10 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--native", action="store_true", help="also sample C frames (grpc core, protobuf)")
     parser.add_argument("--tracing", action="store_true", help="100%% sampled spans to a local OTLP receiver")
+    parser.add_argument("--perf", action="store_true", help="sample with Linux perf: every thread, kernel included")
     args = parser.parse_args(argv)
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not os.access(py_spy, os.X_OK):
-        raise SystemExit("py-spy not found: pip install py-spy")
+    if args.perf:
+        sampler = shutil.which("perf")
+        if sampler is None:
+            raise SystemExit("perf not found: install linux-perf (Debian) or linux-tools")
+    else:
+        sampler = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if not os.access(sampler, os.X_OK):
+            raise SystemExit("py-spy not found: pip install py-spy")
 
     from meshserve.demo_models import write_demo_repository
 
@@ -148,10 +212,23 @@ def main(argv: list[str] | None = None) -> int:
         def record(name: str, child: Child) -> None:
             cpu_before[name] = child.cpu_seconds()
             out = work / f"{name}.txt"
+            if args.perf:
+                out = work / f"{name}.perf.data"
+                command = [sampler, "record", "--quiet", "-F", "999", "-p", str(child.popen.pid), "-o", str(out)]
+                recorders[name] = (
+                    subprocess.Popen(
+                        [*command, "--", "sleep", str(args.seconds)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                    out,
+                    child,
+                )
+                return
             recorders[name] = (
                 subprocess.Popen(
                     [
-                        py_spy,
+                        sampler,
                         "record",
                         "--pid",
                         str(child.popen.pid),
@@ -188,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, (proc, out, child) in recorders.items():
             proc.wait(timeout=60)
             cpu_ms = (child.cpu_seconds() - cpu_before[name]) * 1000.0
+            if args.perf:
+                print_perf(name, sampler, out, child.popen.pid, cpu_ms / max(requests, 1), args.top)
+                continue
             inclusive, own, total = parse_collapsed(out.read_text() if out.exists() else "")
             print(f"\n== {name}: {total} samples; ~{cpu_ms / max(requests, 1):.3f} CPU ms per request")
             print("  self (top of stack):")
@@ -198,6 +278,25 @@ def main(argv: list[str] | None = None) -> int:
             for frame, count in ours.most_common(args.top):
                 print(f"    {100 * count / max(total, 1):5.1f}%  {frame}")
     return 0
+
+
+def print_perf(name: str, perf: str, data: Path, pid: int, cpu_ms_per_request: float, top: int) -> None:
+    script = subprocess.run(
+        [perf, "script", "-i", str(data), "-F", "comm,tid,ip,sym,dso"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    profile = parse_perf_script(script.stdout, pid)
+    print(f"\n== {name}: {profile.total} samples (perf); ~{cpu_ms_per_request:.3f} CPU ms per request")
+    for title, counts, limit in (
+        ("by thread", profile.threads, top),
+        ("by library", profile.libraries, 10),
+        ("by function (leaf)", profile.functions, top),
+    ):
+        print(f"  {title}:")
+        for key, count in counts.most_common(limit):
+            print(f"    {100 * count / max(profile.total, 1):5.1f}%  {key}")
 
 
 if __name__ == "__main__":
