@@ -211,41 +211,19 @@ def main(argv: list[str] | None = None) -> int:
 
         def record(name: str, child: Child) -> None:
             cpu_before[name] = child.cpu_seconds()
-            out = work / f"{name}.txt"
+            pid = str(child.popen.pid)
             if args.perf:
                 out = work / f"{name}.perf.data"
-                command = [sampler, "record", "--quiet", "-F", "999", "-p", str(child.popen.pid), "-o", str(out)]
-                recorders[name] = (
-                    subprocess.Popen(
-                        [*command, "--", "sleep", str(args.seconds)],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    ),
-                    out,
-                    child,
-                )
-                return
+                command = [sampler, "record", "--quiet", "-F", "999", "-p", pid, "-o", str(out)]
+                command += ["--", "sleep", str(args.seconds)]
+            else:
+                out = work / f"{name}.txt"
+                command = [sampler, "record", "--pid", pid, "--duration", str(int(args.seconds)), "--rate", "200"]
+                # Native unwinding has to pause the process; Python-only sampling need not.
+                command += ["--format", "raw", *(["--native"] if args.native else ["--nonblocking"])]
+                command += ["--output", str(out)]
             recorders[name] = (
-                subprocess.Popen(
-                    [
-                        sampler,
-                        "record",
-                        "--pid",
-                        str(child.popen.pid),
-                        "--duration",
-                        str(int(args.seconds)),
-                        "--rate",
-                        "200",
-                        "--format",
-                        "raw",
-                        # Native unwinding has to pause the process; Python-only sampling need not.
-                        *(["--native"] if args.native else ["--nonblocking"]),
-                        "--output",
-                        str(out),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                ),
+                subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
                 out,
                 child,
             )
