@@ -747,11 +747,12 @@ class OtlpSpanProcessor(SpanProcessor):
             buffer = self._buffer
             buffer.extend(encoded)
             failed = len(spans) - len(encoded)
-            self._processed += failed
-            self.failed_spans += failed
+            if failed:  # given up on: a flush waiting for them may be done
+                self._processed += failed
+                self.failed_spans += failed
+                self._progress.notify_all()
             if len(buffer) >= self._max_batch or self._flush_upto > self._processed:
                 self._wake.notify()
-            self._progress.notify_all()
 
     # -- control -------------------------------------------------------------
 
