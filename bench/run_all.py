@@ -8,9 +8,13 @@ sampling, OTLP to a local receiver process), and Triton Inference Server
 (nvidia-pytriton) on the same ONNX models; loads each from `tritonclient.grpc.aio`
 at concurrency 1, 8 and 32, interleaved (every peer at one level before the
 next level, the peer order rotating per round) so drift hits all peers alike;
-stops everything (always, also on failure); then measures bare ONNX Runtime
-in-process on the quiet machine. Prints a markdown report (and writes it and
-a JSON file) with the targets' ratios marked met or missed.
+stops everything (always, also on failure). Bare ONNX Runtime runs in-process
+twice: a sweep over batch sizes and thread layouts before the rounds (the
+servers up but idle), and the sweep's best configuration again as one more
+peer in every round of the compute-bound model at the top concurrency, so the
+worker's ratio to it compares two figures measured side by side. Prints a
+markdown report (and writes it and a JSON file) with the targets' ratios
+marked met or missed.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from bench.measure import Point, measure_point
 from bench.otlp_receiver import READY_LINE as OTLP_READY
 from bench.processes import Child, Children, exit_cleanly_on_sigterm, free_port, wait_until, worker_providers
 from bench.report import (
+    BARE_ORT,
     BARE_PROXY,
     COMPUTE_MODEL,
     CPU,
@@ -58,6 +63,7 @@ from bench.report import (
 from bench.repository import without_busy_wait
 from bench.triton_server import READY_LINE as TRITON_READY
 from bench.tritonclient_load import CPU_TOLERANCE, GPU_TOLERANCE, TritonClientLoad, check_outputs_agree
+from meshserve.loadgen import LevelResult
 from worker.config import load_model_config
 
 # The worker logs its automatic intra-op thread choice per model version at load.
@@ -195,6 +201,7 @@ class Bench:
         self.threads: dict[str, tuple[int, int]] = {}
         self.providers: dict[str, str] = {}
         self.pinned: set[str] = set()  # models whose instances the worker pins to cores
+        self.ort_sweep: dict[str, list[bare_ort.BatchThroughput]] = {}
 
     # ----- start-up -----
 
@@ -357,31 +364,62 @@ class Bench:
             for model in peer.models:
                 await self.verify_outputs(peer, model, feeds[model], expected[model])
         points = []
-        total = self.args.rounds * sum(len(self._peers_for(m)) for m in self.models) * len(self.levels)
+        total = self.args.rounds * sum(len(self._peers_for(m, c)) for m in self.models for c in self.levels)
         done = 0
         for round_index in range(self.args.rounds):
             for model in self.models:
                 for concurrency in self.levels:
-                    peers = self._peers_for(model)
+                    peers = self._peers_for(model, concurrency)
                     shift = round_index % len(peers)
                     for peer in peers[shift:] + peers[:shift]:
-                        points.append(await self._point(peer, model, feeds[model], concurrency, round_index))
+                        if peer is None:
+                            point = await self._bare_ort_point(model, concurrency, round_index)
+                        else:
+                            point = await self._point(peer, model, feeds[model], concurrency, round_index)
+                        points.append(point)
                         done += 1
                         r = points[-1].result
                         print(
-                            f"[{done}/{total}] round {round_index + 1} {model:7} c={concurrency:<3} {peer.name:13} "
+                            f"[{done}/{total}] round {round_index + 1} {model:7} c={concurrency:<3} {point.peer:13} "
                             f"{r.throughput:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms"
                             + (f"  errors {r.errors}" if r.errors else ""),
                             flush=True,
                         )
         return points
 
-    def _peers_for(self, model: str) -> list[Peer]:
+    def _peers_for(self, model: str, concurrency: int) -> list[Peer | None]:
+        """The peers loaded at this point; None stands for bare ONNX Runtime at the sweep's best configuration,
+        a peer at the compute-bound model's top concurrency (issue 2's compute limit)."""
         # Tracing cost (issue 6) and the busy waits' gain are measured on the transport-bound model only.
         transport_only = (MESH_TRACED, MESH_NO_BUSY_WAIT)
-        return [
+        peers: list[Peer | None] = [
             p for p in self.peers if model in p.models and (p.name not in transport_only or model == TRANSPORT_MODEL)
         ]
+        if model == COMPUTE_MODEL and concurrency == max(self.levels) and self.ort_sweep.get(model):
+            peers.append(None)
+        return peers
+
+    async def _bare_ort_point(self, model: str, concurrency: int, round_index: int) -> Point:
+        """The sweep's best configuration for one round's duration, in a thread (it blocks while it runs)."""
+        best = bare_ort.best(self.ort_sweep[model])
+        started = time.process_time()
+        runs = await asyncio.to_thread(
+            bare_ort.measure,
+            self.repository / model,
+            [best.batch_size],
+            self.args.duration,
+            best.threads,
+            best.instances,
+            best.provider,
+            best.pinned,
+        )
+        cpu_s = time.process_time() - started
+        result = runs[0]
+        samples = result.runs * result.batch_size
+        nan = float("nan")
+        level = LevelResult(concurrency, self.args.duration, samples, {}, result.samples_per_s, nan, nan, nan, nan, nan)
+        # The bench process's CPU over the whole call (sessions, warm-up, runs) per sample measured.
+        return Point(BARE_ORT, model, concurrency, round_index, level, {BARE_ORT: cpu_s / max(samples, 1) * 1000.0})
 
     async def _point(
         self, peer: Peer, model: str, feeds: dict[str, np.ndarray], concurrency: int, round_index: int
@@ -408,6 +446,26 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def sweep_bare_ort(bench: Bench, batch_sizes: Sequence[int]) -> dict[str, list[bare_ort.BatchThroughput]]:
+    """Bare ONNX Runtime per model at every batch size, in the worker's layout and in one session with all its
+    threads (and pinned, when the worker pins); the servers are up but idle."""
+    seconds = bench.args.ort_seconds
+    sweep = {}
+    for model in bench.models:
+        threads, instances = bench.threads.get(model, (os.cpu_count() or 1, 1))
+        provider = bench.providers.get(model, CPU)
+        model_dir = bench.repository / model
+        results = bare_ort.measure(model_dir, batch_sizes, seconds, threads, instances, provider)
+        if instances > 1:
+            if model in bench.pinned:  # as the worker runs them, and (above) as the kernel would place them
+                results += bare_ort.measure(model_dir, batch_sizes, seconds, threads, instances, provider, pinned=True)
+            results += bare_ort.measure(model_dir, batch_sizes, seconds, threads * instances, provider=provider)
+        best = bare_ort.best(results)
+        print(f"bare ORT {model}: best batch {best.batch_size}: {best.samples_per_s:.1f} samples/s", flush=True)
+        sweep[model] = results
+    return sweep
 
 
 async def run_peers(bench: Bench) -> list[Point]:
@@ -494,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     triton.processes["triton"].stop()
                     bench.notes.append(f"Triton did not start, its columns are missing: {str(exc).splitlines()[0]}")
                     print(f"bench: {exc}", file=sys.stderr, flush=True)
+            bench.ort_sweep = sweep_bare_ort(bench, [int(b) for b in args.ort_batches.split(",") if b])
             points = asyncio.run(run_peers(bench))
         except BaseException:
             print(f"bench failed; children's logs in {log_dir}", file=sys.stderr, flush=True)
@@ -503,27 +562,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             receiver_totals = next(
                 (line for line in receiver.output().splitlines() if line.startswith("SPANS ")), "no totals"
             )
-    # Bare ONNX Runtime on the quiet machine, after every server has stopped.
-    batch_sizes = [int(b) for b in args.ort_batches.split(",") if b]
-    ort_results = {}
-    for model in bench.models:
-        threads, instances = bench.threads.get(model, (os.cpu_count() or 1, 1))
-        # The worker's layout (instances side by side), and one session with the same threads in all.
-        provider = bench.providers.get(model, CPU)
-        ort_results[model] = bare_ort.measure(
-            repository / model, batch_sizes, args.ort_seconds, threads, instances, provider
-        )
-        if instances > 1:
-            if model in bench.pinned:  # as the worker runs them, and (above) as the kernel would place them
-                ort_results[model] += bare_ort.measure(
-                    repository / model, batch_sizes, args.ort_seconds, threads, instances, provider, pinned=True
-                )
-            ort_results[model] += bare_ort.measure(
-                repository / model, batch_sizes, args.ort_seconds, threads * instances, provider=provider
-            )
-        best = bare_ort.best(ort_results[model])
-        print(f"bare ORT {model}: best batch {best.batch_size}: {best.samples_per_s:.1f} samples/s", flush=True)
-
     command = "python -m bench.run_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     run = {
         "command": command.strip(),
@@ -550,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "otlp_receiver": receiver_totals,
         "notes": bench.notes,
         "points": [{**dataclasses.asdict(p), "result": p.result.to_dict()} for p in points],
-        "bare_ort": {m: [dataclasses.asdict(r) for r in rs] for m, rs in ort_results.items()},
+        "bare_ort": {m: [dataclasses.asdict(r) for r in rs] for m, rs in bench.ort_sweep.items()},
     }
     markdown = render_markdown(run)
     for path in (args.json, args.markdown):

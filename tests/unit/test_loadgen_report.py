@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bench.report import cells, paired_p50_overhead, render_markdown, targets
+from bench.report import cells, paired_p50_overhead, paired_ratio, render_markdown, targets
 
 
 def point(peer: str, model: str, c: int, rnd: int, throughput: float, p50: float) -> dict[str, Any]:
@@ -145,3 +145,36 @@ def test_light_load_poll_gain_is_the_hop_and_the_mesh_over_the_same_mesh_without
     assert "the mesh / the same mesh with it off: 1.25x at c=1, 1.00x at c=32." in markdown
     assert "| 1 | mesh-no-poll | 640 |" in markdown
     assert "- cnn:" not in markdown  # no cnn point without the poll: no cnn line
+
+
+def test_target_ratios_pair_the_peers_within_each_round() -> None:
+    # The machine runs at a different speed in each round; within two of three rounds the worker does
+    # 1.5x Triton, in the third 1.25x. The ratio of the medians (3300 / 2640) would read 1.25x.
+    points = []
+    for rnd, speed in ((0, 1.0), (1, 2.0), (2, 1.1)):
+        points += [
+            point("worker", "mlp784", 32, rnd, 3000 * speed, 10),
+            point("triton", "mlp784", 32, rnd, 2000 * speed * (1.2 if rnd == 2 else 1.0), 10),
+        ]
+    assert paired_ratio(points, "mlp784", "worker", "triton", 32) == pytest.approx(1.5)
+    data = run(points)
+    data["settings"]["concurrency"] = [32]
+    by_what = {t.what: t for t in targets(data, cells(points))}
+    assert by_what["worker / Triton, mlp784, c=32"].measured == pytest.approx(1.5)
+
+
+def test_the_compute_limit_is_bare_ort_measured_in_the_same_rounds_when_the_run_has_it() -> None:
+    data = full_run()
+    # The sweep read 100 samples/s; in the rounds, beside the worker's 90 and 92 req/s, bare ORT read 95 and 115.
+    data["points"] += [point("bare-ort", "cnn", 32, 0, 95, float("nan")), point("bare-ort", "cnn", 32, 1, 115, 1)]
+    for p in data["points"]:
+        if p["peer"] == "bare-ort":
+            p["result"].update(p50_ms=None, p90_ms=None, p99_ms=None, max_ms=None, mean_ms=None)
+    table = cells(data["points"])
+    by_what = {t.what: t for t in targets(data, table)}
+    vs_ort = by_what["worker c=32 / best batched bare ORT, cnn"]
+    assert vs_ort.measured == pytest.approx((90 / 95 + 92 / 115) / 2)
+    text = render_markdown(data)
+    assert "read 105 samples/s in the rounds (median of 2" in text
+    assert "and 100 in the sweep before them" in text
+    assert "| 32 | bare-ort | 105 | - | - | - | - | 0 |" in text
