@@ -379,9 +379,14 @@ class Bench:
                         points.append(point)
                         done += 1
                         r = points[-1].result
+                        figures = (
+                            f"{r.throughput:8.1f} samples/s"
+                            if peer is None
+                            else f"{r.throughput:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms"
+                        )
                         print(
                             f"[{done}/{total}] round {round_index + 1} {model:7} c={concurrency:<3} {point.peer:13} "
-                            f"{r.throughput:8.1f} req/s  p50 {r.p50_ms:7.2f} ms  p99 {r.p99_ms:7.2f} ms"
+                            + figures
                             + (f"  errors {r.errors}" if r.errors else ""),
                             flush=True,
                         )
