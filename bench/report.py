@@ -201,23 +201,30 @@ def floor_lines(points: list[dict[str, Any]]) -> list[str]:
 
 
 def compute_limit_lines(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> list[str]:
-    """Bare ORT in the rounds next to the sweep's figure for the same configuration, and the worker over each."""
+    """Bare ORT in the rounds, round by round beside the worker, and the sweep's figure for the same configuration."""
     top = max(run["settings"]["concurrency"])
     in_rounds = table.get((COMPUTE_MODEL, BARE_ORT, top))
     worker = table.get((COMPUTE_MODEL, WORKER, top))
     sweep = run["bare_ort"].get(COMPUTE_MODEL, [])
     if in_rounds is None or worker is None or not sweep:
         return []
+    by_round: dict[int, dict[str, float]] = defaultdict(dict)
+    for p in run["points"]:
+        if p["model"] == COMPUTE_MODEL and p["concurrency"] == top and p["peer"] in (WORKER, BARE_ORT):
+            by_round[p["round"]][p["peer"]] = p["result"]["throughput"]
+    pairs = [
+        f"{r[WORKER]:.0f} / {r[BARE_ORT]:.0f} = {r[WORKER] / r[BARE_ORT]:.2f}x"
+        for _, r in sorted(by_round.items())
+        if r.get(BARE_ORT) and WORKER in r
+    ]
     best = max(sweep, key=lambda r: r["samples_per_s"])
     layout = f"b{best['batch_size']}, {best.get('instances', 1)} x {best.get('threads', 0)} threads"
+    vs_sweep = worker.throughput / best["samples_per_s"]
     return [
-        f"Compute limit ({COMPUTE_MODEL}): bare ORT at the sweep's best configuration ({layout}) read "
-        f"{in_rounds.throughput:.0f} samples/s in the rounds (median of {in_rounds.rounds}, each beside the worker's "
-        f"c={top} point) and {best['samples_per_s']:.0f} in the sweep before them (the best of "
-        f"{len(sweep)} configurations, each measured once); the worker's {worker.throughput:.0f} req/s is "
-        f"{worker.throughput / in_rounds.throughput:.2f}x and {worker.throughput / best['samples_per_s']:.2f}x of "
-        "them. The target uses the first: measured side by side, and free of the upward pull of taking the "
-        "best of many noisy figures.",
+        f"Compute limit ({COMPUTE_MODEL}, c={top}): the worker over bare ORT at the sweep's best configuration "
+        f"({layout}), round by round: {'; '.join(pairs)} (the target is their median). The sweep before the "
+        f"rounds read {best['samples_per_s']:.0f} samples/s for that configuration (the best of {len(sweep)}, each "
+        f"measured once); the worker's median {worker.throughput:.0f} req/s is {vs_sweep:.2f}x of that.",
         "",
     ]
 
