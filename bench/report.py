@@ -90,26 +90,29 @@ def cells(points: list[dict[str, Any]]) -> dict[tuple[str, str, int], Cell]:
     return table
 
 
+def round_pairs(
+    points: list[dict[str, Any]], model: str, concurrency: int, a: str, b: str, metric: str
+) -> list[tuple[float, float]]:
+    """(`a`'s, `b`'s) `metric` in each round that measured both at this point, in round order."""
+    by_round: dict[int, dict[str, float]] = defaultdict(dict)
+    for p in points:
+        same_point = p["model"] == model and p["concurrency"] == concurrency and p["peer"] in (a, b)
+        if same_point and p["result"][metric] is not None:
+            by_round[p["round"]][p["peer"]] = p["result"][metric]
+    return [(r[a], r[b]) for _, r in sorted(by_round.items()) if a in r and b in r]
+
+
 def paired_p50_overhead(
     points: list[dict[str, Any]], model: str, concurrency: int = 1, front: str = MESH
 ) -> float | None:
     """Median over rounds of (`front` p50 - worker p50), each pair measured in the same round."""
-    by_round: dict[int, dict[str, float]] = defaultdict(dict)
-    for p in points:
-        same_point = p["model"] == model and p["concurrency"] == concurrency and p["peer"] in (WORKER, front)
-        if same_point and p["result"]["p50_ms"] is not None:
-            by_round[p["round"]][p["peer"]] = p["result"]["p50_ms"]
-    diffs = [r[front] - r[WORKER] for r in by_round.values() if front in r and WORKER in r]
+    diffs = [f - w for f, w in round_pairs(points, model, concurrency, front, WORKER, "p50_ms")]
     return statistics.median(diffs) if diffs else None
 
 
 def paired_ratio(points: list[dict[str, Any]], model: str, a: str, b: str, concurrency: int) -> float | None:
     """Median over rounds of `a`'s throughput over `b`'s, each pair measured in the same round."""
-    by_round: dict[int, dict[str, float]] = defaultdict(dict)
-    for p in points:
-        if p["model"] == model and p["concurrency"] == concurrency and p["peer"] in (a, b):
-            by_round[p["round"]][p["peer"]] = p["result"]["throughput"]
-    ratios = [r[a] / r[b] for r in by_round.values() if r.get(b) and a in r]
+    ratios = [x / y for x, y in round_pairs(points, model, concurrency, a, b, "throughput") if y]
     return statistics.median(ratios) if ratios else None
 
 
@@ -208,14 +211,10 @@ def compute_limit_lines(run: dict[str, Any], table: dict[tuple[str, str, int], C
     sweep = run["bare_ort"].get(COMPUTE_MODEL, [])
     if in_rounds is None or worker is None or not sweep:
         return []
-    by_round: dict[int, dict[str, float]] = defaultdict(dict)
-    for p in run["points"]:
-        if p["model"] == COMPUTE_MODEL and p["concurrency"] == top and p["peer"] in (WORKER, BARE_ORT):
-            by_round[p["round"]][p["peer"]] = p["result"]["throughput"]
     pairs = [
-        f"{r[WORKER]:.0f} / {r[BARE_ORT]:.0f} = {r[WORKER] / r[BARE_ORT]:.2f}x"
-        for _, r in sorted(by_round.items())
-        if r.get(BARE_ORT) and WORKER in r
+        f"{worker_rps:.0f} / {ort:.0f} = {worker_rps / ort:.2f}x"
+        for worker_rps, ort in round_pairs(run["points"], COMPUTE_MODEL, top, WORKER, BARE_ORT, "throughput")
+        if ort
     ]
     best = max(sweep, key=lambda r: r["samples_per_s"])
     layout = f"b{best['batch_size']}, {best.get('instances', 1)} x {best.get('threads', 0)} threads"
