@@ -95,7 +95,20 @@ def test_a_tracing_cost_at_a_lower_sampling_ratio_is_reported_but_not_judged() -
     by_what = {t.what: t for t in targets(data, cells(data["points"]))}
     tracing = by_what["tracing throughput cost (10% sampled, OTLP), mlp784, c=32"]
     assert tracing.measured == pytest.approx(5.0) and tracing.met is None
-    assert "| 5.0% | <= 10% at 100% sampled | not the goal's setting |" in tracing.row()
+    assert "| 5.0% | 5.0% .. 5.0% | 2 of 2 | <= 10% at 100% sampled | not the goal's setting |" in tracing.row()
+
+
+def test_each_verdict_shows_its_spread_over_rounds_and_how_many_rounds_met_the_goal() -> None:
+    data = full_run()
+    # The hop per round: 0.3, 0.35, 0.5 ms; the verdict reads the median, 0.35 ms.
+    data["points"] += [point("worker", "mlp784", 1, 2, 1000, 1.0), point("mesh", "mlp784", 1, 2, 800, 1.5)]
+    data["points"] = [
+        p for p in data["points"] if not (p["peer"] == "mesh" and p["concurrency"] == 1 and p["round"] == 1)
+    ] + [point("mesh", "mlp784", 1, 1, 800, 2.35)]
+    hop = {t.what: t for t in targets(data, cells(data["points"]))}["gateway hop p50 (mesh - worker), mlp784, c=1"]
+    assert hop.per_round == pytest.approx((0.3, 0.35, 0.5))
+    assert hop.measured == pytest.approx(0.35) and hop.met and hop.rounds_met == 2
+    assert "| 0.35 ms | 0.30 ms .. 0.50 ms | 2 of 3 | <= 0.4 ms | met |" in hop.row()
 
 
 def test_markdown_marks_misses_and_missing_peers() -> None:
@@ -103,8 +116,11 @@ def test_markdown_marks_misses_and_missing_peers() -> None:
     data["points"] = [p for p in data["points"] if p["peer"] != "triton"]
     text = render_markdown(data)
     assert "`nproc` = 2" in text
-    assert "| 2 | worker / Triton, mlp784, c=32 | n/a | >= 1.5x | not measured |" in text
-    assert "| 5 | gateway hop p50 (mesh - worker), cnn, c=1 | 1.00 ms | <= 0.4 ms | **MISSED** |" in text
+    assert "| 2 | worker / Triton, mlp784, c=32 | n/a | - | - | >= 1.5x | not measured |" in text
+    row = "| 5 | gateway hop p50 (mesh - worker), cnn, c=1 | 1.00 ms | 1.00 ms .. 1.00 ms | 0 of 2 | <= 0.4 ms |"
+    assert f"{row} **MISSED** |" in text
+    # An old run's compute limit is one figure against the sweep: no spread over rounds.
+    assert "| 2 | worker c=32 / best batched bare ORT, cnn | 0.91x | - | - | >= 0.85x | met |" in text
     assert "### mlp784" in text and "### cnn" in text
     assert "best: 100 samples/s (b8" in text
 
