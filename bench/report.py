@@ -53,7 +53,10 @@ class Target:
     rounds_met: int = 0  # how many of `per_round` meet the goal on their own
 
     def _value(self, value: float) -> str:
-        return f"{value:.1f}%" if self.unit == "%" else f"{value:.2f}{self.unit}"
+        if self.unit == "%":
+            return f"{value:.1f}%"
+        # A hop of 0.4037 ms misses a 0.4 ms goal: two decimals would print it as 0.40.
+        return f"{value:.3f} ms" if self.unit == " ms" else f"{value:.2f}{self.unit}"
 
     def row(self) -> str:
         if self.measured is None:

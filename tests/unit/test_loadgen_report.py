@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bench.report import cells, paired_p50_overhead, paired_ratio, render_markdown, targets
+from bench.report import Target, cells, paired_p50_overhead, paired_ratio, render_markdown, targets
 
 
 def point(peer: str, model: str, c: int, rnd: int, throughput: float, p50: float) -> dict[str, Any]:
@@ -108,7 +108,10 @@ def test_each_verdict_shows_its_spread_over_rounds_and_how_many_rounds_met_the_g
     hop = {t.what: t for t in targets(data, cells(data["points"]))}["gateway hop p50 (mesh - worker), mlp784, c=1"]
     assert hop.per_round == pytest.approx((0.3, 0.35, 0.5))
     assert hop.measured == pytest.approx(0.35) and hop.met and hop.rounds_met == 2
-    assert "| 0.35 ms | 0.30 ms .. 0.50 ms | 2 of 3 | <= 0.4 ms | met |" in hop.row()
+    assert "| 0.350 ms | 0.300 ms .. 0.500 ms | 2 of 3 | <= 0.4 ms | met |" in hop.row()
+    # A miss by a few microseconds must not print as the goal itself.
+    missed = Target("5", "hop", 0.4037, "<= 0.4 ms", False, " ms", (0.4037,), 0)
+    assert "| 0.404 ms | 0.404 ms .. 0.404 ms | 0 of 1 | <= 0.4 ms | **MISSED** |" in missed.row()
 
 
 def test_markdown_marks_misses_and_missing_peers() -> None:
@@ -117,7 +120,7 @@ def test_markdown_marks_misses_and_missing_peers() -> None:
     text = render_markdown(data)
     assert "`nproc` = 2" in text
     assert "| 2 | worker / Triton, mlp784, c=32 | n/a | - | - | >= 1.5x | not measured |" in text
-    row = "| 5 | gateway hop p50 (mesh - worker), cnn, c=1 | 1.00 ms | 1.00 ms .. 1.00 ms | 0 of 2 | <= 0.4 ms |"
+    row = "| 5 | gateway hop p50 (mesh - worker), cnn, c=1 | 1.000 ms | 1.000 ms .. 1.000 ms | 0 of 2 | <= 0.4 ms |"
     assert f"{row} **MISSED** |" in text
     # An old run's compute limit is one figure against the sweep: no spread over rounds.
     assert "| 2 | worker c=32 / best batched bare ORT, cnn | 0.91x | - | - | >= 0.85x | met |" in text
