@@ -64,11 +64,11 @@ class Target:
         else:
             value = self._value(self.measured)
             verdict = {True: "met", False: "**MISSED**", None: "not the goal's setting"}[self.met]
+        spread = steady = "-"
         if self.per_round:
             spread = f"{self._value(min(self.per_round))} .. {self._value(max(self.per_round))}"
-            steady = f"{self.rounds_met} of {len(self.per_round)}"
-        else:
-            spread = steady = "-"
+            if self.met is not None:  # rounds measured at another setting than the goal's meet nothing
+                steady = f"{self.rounds_met} of {len(self.per_round)}"
         return f"| {self.issue} | {self.what} | {value} | {spread} | {steady} | {self.goal} | {verdict} |"
 
 
