@@ -146,16 +146,10 @@ def sweep_best(run: dict[str, Any], model: str = COMPUTE_MODEL) -> float | None:
     return max((r["samples_per_s"] for r in run["bare_ort"].get(model, [])), default=None)
 
 
-def compute_limit_ratio(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> float | None:
-    """The worker over bare ORT on the compute-bound model at the top concurrency.
-
-    Against bare ORT measured in the same rounds when the run has it; runs recorded before it was (no
-    `bare-ort` points) compare with the sweep's best, measured at another time."""
-    top = max(run["settings"]["concurrency"])
-    paired = paired_ratio(run["points"], COMPUTE_MODEL, WORKER, BARE_ORT, top)
-    if paired is not None:
-        return paired
-    worker = table.get((COMPUTE_MODEL, WORKER, top))
+def sweep_ratio(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> float | None:
+    """The worker's median at the top concurrency over the sweep's best: the compute limit of runs recorded
+    before bare ORT ran in the rounds (measured at another time, so one figure and no spread)."""
+    worker = table.get((COMPUTE_MODEL, WORKER, max(run["settings"]["concurrency"])))
     best = sweep_best(run)
     return worker.throughput / best if worker and best else None
 
@@ -194,8 +188,8 @@ def targets(run: dict[str, Any], table: dict[tuple[str, str, int], Cell]) -> lis
         tracing = replace(tracing, met=None)
     compute_limit = f"worker c={top} / best batched bare ORT, {COMPUTE_MODEL}"
     vs_ort = target("2", compute_limit, round_ratios(points, COMPUTE_MODEL, WORKER, BARE_ORT, top), ">= 0.85x", 0.85)
-    if vs_ort.measured is None:  # a run recorded before bare ORT ran in the rounds: one figure, no spread
-        old = compute_limit_ratio(run, table)
+    if vs_ort.measured is None:  # a run recorded before bare ORT ran in the rounds
+        old = sweep_ratio(run, table)
         vs_ort = Target("2", compute_limit, old, ">= 0.85x", None if old is None else old >= 0.85)
     return [
         target(
