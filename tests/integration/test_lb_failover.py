@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadbalancer.balancer import Balancer, ModelPolicy
+from loadbalancer.balancer import AttemptEvent, Balancer, ModelPolicy
 from loadbalancer.connection import grpc_connector
 from loadbalancer.endpoint import Endpoint
 from loadbalancer.errors import classify
@@ -55,13 +55,24 @@ class Client:
     """Registry-fed balancer plus a unary ModelInfer attempt that reads the worker's load report."""
 
     def __init__(self, registry_url: str, **settings: object) -> None:
-        self.balancer = Balancer(BalancerSettings(**settings), grpc_connector)
+        self.balancer = Balancer(BalancerSettings(**settings), grpc_connector, on_attempt=self._observe)
         self.watcher = ServiceWatcher(registry_url)
         self.request = infer_request()
         self.latencies: list[float] = []
         self.errors: Counter[str] = Counter()
         self.served_by: Counter[str] = Counter()
+        # Attempts that failed or took over a second, to tell in a failure's message where a request went.
+        self.trouble: list[str] = []
+        self._started = time.monotonic()
         self._watch = asyncio.create_task(self._follow())
+
+    def _observe(self, event: AttemptEvent) -> None:
+        if event.outcome != "ok" or event.duration_s > 1.0:
+            ended = time.monotonic() - self._started
+            self.trouble.append(
+                f"{ended:.3f}s: attempt {event.attempt} on {event.endpoint.target} {event.outcome} after "
+                f"{event.duration_s:.3f}s (removed {event.endpoint.removed}, draining {event.endpoint.draining})"
+            )
 
     async def _follow(self) -> None:
         async for changes in self.watcher:
@@ -217,7 +228,7 @@ async def test_kill_9_one_of_three_workers_under_load_fails_no_request(
             served_before = sum(client.served_by.values())
             await asyncio.sleep(3.0)
         assert sum(client.served_by.values()) - served_before > 100  # traffic kept flowing
-        assert not client.errors, client.errors
+        assert not client.errors, (client.errors, client.trouble)
         await client.wait_for_targets({address for _, address in workers[1:]})  # the registry dropped it
     finally:
         await client.close()
@@ -237,7 +248,7 @@ async def test_rolling_restart_under_load_fails_no_request(processes: ProcessGro
                 workers[index] = (await asyncio.to_thread(start_workers, processes, mlp_repository, url, 1))[0]
                 await client.wait_for_targets({address for _, address in workers})
             await asyncio.sleep(0.5)
-        assert not client.errors, client.errors
+        assert not client.errors, (client.errors, client.trouble)
         restarted = {address for _, address in workers}
         assert restarted <= set(client.served_by)  # the new workers took traffic
     finally:
