@@ -1,7 +1,8 @@
 """The inference path of one worker, independent of gRPC plumbing: look up, validate, queue, answer.
 
 The servicer turns its answers and `InferenceError`s into RPC responses and
-status codes; the drain logic reads `in_flight` and flips `draining`.
+status codes; the drain logic calls `begin_draining`, then waits for `in_flight`
+to reach zero and for refused requests to stop arriving.
 """
 
 from __future__ import annotations
@@ -48,10 +49,31 @@ class InferenceEngine:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.draining_refusals = 0
+        # When the drain began or, later, the last request arrived that was refused for it (monotonic).
+        self._last_arrival_draining = 0.0
 
     def queue_depth(self, model_name: str) -> int:
         """Requests waiting in the batchers of this model's versions."""
         return self.repository.queue_depth(model_name)
+
+    def begin_draining(self) -> None:
+        """From now on every request is refused as UNAVAILABLE (draining), which callers retry elsewhere."""
+        self.draining = True
+        self._last_arrival_draining = time.monotonic()
+
+    async def wait_quiet(self, quiet_s: float, within: float) -> bool:
+        """True once no request has arrived for `quiet_s` seconds since the drain began, False if `within`
+        seconds passed first (callers that keep sending to a draining worker)."""
+        give_up = time.monotonic() + within
+        while True:
+            now = time.monotonic()
+            quiet_at = self._last_arrival_draining + quiet_s
+            if now >= quiet_at:
+                return True
+            if now >= give_up:
+                return False
+            await asyncio.sleep(min(quiet_at, give_up) - now)
 
     async def wait_idle(self, within: float) -> bool:
         """True once no request is in flight, False if `within` seconds passed first."""
@@ -77,6 +99,8 @@ class InferenceEngine:
         model_metrics = None
         try:
             if self.draining:
+                self.draining_refusals += 1
+                self._last_arrival_draining = time.monotonic()
                 raise InferenceError(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             served = self.repository.get(request.model_name, request.model_version)
             model = served.model

@@ -33,6 +33,13 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 ADMIN_SERVICE = "meshserve.v1.MeshAdmin"
 # After the in-flight work is done, how long gRPC may take to flush the last responses.
 FLUSH_GRACE_S = 2.0
+# The gRPC server stops only once no request has arrived for this long. A request that reaches
+# grpc while its server shuts down can sit unanswered until the flush grace runs out (or past
+# the caller's deadline), where one refused as draining is retried elsewhere at once; callers
+# stop sending after their first refusal, or when the registry drops this worker. Callers that
+# never stop (a client looping on a draining worker) hold the stop back at most QUIET_WAIT_MAX_S.
+QUIET_BEFORE_STOP_S = 0.2
+QUIET_WAIT_MAX_S = 2.0
 
 
 def advertised_address(host: str, advertise: str | None) -> str:
@@ -144,7 +151,8 @@ class WorkerServer:
 
     async def drain(self, grace: float | None = None) -> None:
         """NOT_SERVING, deregister, keep serving for the propagation delay, refuse new work,
-        let in-flight and queued requests finish within the grace period, stop."""
+        let in-flight and queued requests finish within the grace period, wait until callers
+        have stopped sending (within the same grace), stop."""
         settings = self.settings
         grace = settings.drain_grace if grace is None else grace
         await self._started.wait()  # a signal during model loading drains once serving began
@@ -160,15 +168,23 @@ class WorkerServer:
             # Balancers (registry watchers, health checkers) need a moment to stop picking
             # this worker; requests already on their way are still served meanwhile.
             await asyncio.sleep(settings.drain_delay)
-            self.engine.draining = True
+            self.engine.begin_draining()
             self.servicer.stop_streams()
-            remaining = max(0.0, grace - (time.monotonic() - started))
-            if not await self.engine.wait_idle(remaining):
+            give_up = started + grace
+            if not await self.engine.wait_idle(max(0.0, give_up - time.monotonic())):
                 log.warning("drain grace of %.1fs ran out with %d requests in flight", grace, self.engine.in_flight)
+            else:
+                within = min(QUIET_WAIT_MAX_S, max(0.0, give_up - time.monotonic()))
+                if not await self.engine.wait_quiet(QUIET_BEFORE_STOP_S, within) and self.engine.draining_refusals:
+                    log.warning("requests were still arriving after %.1fs of waiting for callers to stop", within)
             if self._server is not None:
                 await self._server.stop(FLUSH_GRACE_S)
             await self.close()
-            log.info("drained and stopped in %.2fs", time.monotonic() - started)
+            log.info(
+                "drained and stopped in %.2fs; refused %d requests while draining",
+                time.monotonic() - started,
+                self.engine.draining_refusals,
+            )
         finally:
             self._stopped.set()
 

@@ -7,12 +7,15 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.harness import ProcessGroup
 
 pytestmark = pytest.mark.integration
@@ -64,3 +67,36 @@ async def test_sigterm_under_load_fails_no_request_in_flight(demo_repository: Pa
     assert after <= {"OK", "StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "connection"}, after
     log = proc.output()
     assert "draining" in log and "drained and stopped" in log
+
+
+async def test_requests_arriving_while_draining_are_refused_until_they_stop(
+    demo_repository: Path, processes: ProcessGroup
+) -> None:
+    """A caller that has not heard of the drain keeps sending after SIGTERM: each request gets the
+    draining refusal (retryable elsewhere) until the caller stops; the gRPC server stops only then.
+    Stopping it while requests still arrive lets one reach gRPC mid-shutdown and wait unanswered."""
+    proc, address = processes.worker(demo_repository, "--host", "127.0.0.1", "--drain-delay", "0")
+    request = pb.ModelInferRequest(model_name="mlp784")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 784])
+    request.raw_input_contents.append(np.zeros((1, 784), np.float32).tobytes())
+    answers: list[str] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await stub.ModelInfer(request, timeout=10)
+        proc.signal(signal.SIGTERM)
+        sending_until = time.monotonic() + 0.6
+        while time.monotonic() < sending_until:
+            call = stub.ModelInfer(request, timeout=5)
+            try:
+                await call
+                answers.append("OK")
+            except grpc.aio.AioRpcError as error:
+                draining = ("meshserve-draining", "1") in tuple(error.trailing_metadata() or ())
+                answers.append(f"{error.code().name}{' (draining)' if draining else ''}: {error.details()}")
+            await asyncio.sleep(0.01)  # far below the quiet period the worker waits for
+        assert await asyncio.to_thread(proc.popen.wait, 10) == 0
+    first_refused = next((index for index, answer in enumerate(answers) if answer != "OK"), len(answers))
+    refused = answers[first_refused:]
+    assert len(refused) >= 20, answers
+    assert all(answer.startswith("UNAVAILABLE (draining): worker is draining") for answer in refused), refused
+    assert f"refused {len(refused)} requests while draining" in proc.output()
