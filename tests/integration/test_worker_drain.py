@@ -74,7 +74,8 @@ async def test_requests_arriving_while_draining_are_refused_until_they_stop(
 ) -> None:
     """A caller that has not heard of the drain keeps sending after SIGTERM: each request gets the
     draining refusal (retryable elsewhere) until the caller stops; the gRPC server stops only then.
-    Stopping it while requests still arrive lets one reach gRPC mid-shutdown and wait unanswered."""
+    Stopping it while requests still arrive lets them reach gRPC mid-shutdown: gRPC cancels them,
+    or leaves one unanswered until the flush grace runs out."""
     proc, address = processes.worker(demo_repository, "--host", "127.0.0.1", "--drain-delay", "0")
     request = pb.ModelInferRequest(model_name="mlp784")
     request.inputs.add(name="input", datatype="FP32", shape=[1, 784])
@@ -86,9 +87,8 @@ async def test_requests_arriving_while_draining_are_refused_until_they_stop(
         proc.signal(signal.SIGTERM)
         sending_until = time.monotonic() + 0.6
         while time.monotonic() < sending_until:
-            call = stub.ModelInfer(request, timeout=5)
             try:
-                await call
+                await stub.ModelInfer(request, timeout=5)
                 answers.append("OK")
             except grpc.aio.AioRpcError as error:
                 draining = ("meshserve-draining", "1") in tuple(error.trailing_metadata() or ())

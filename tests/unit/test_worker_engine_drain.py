@@ -18,7 +18,7 @@ from worker.repository import ModelRepository
 
 @pytest.fixture
 def engine() -> InferenceEngine:
-    # A draining engine refuses before it looks a model up: no repository is needed.
+    # Refusing a request while draining comes before any model lookup: no repository is needed.
     return InferenceEngine(cast(ModelRepository, None), WorkerMetrics())
 
 
