@@ -27,6 +27,7 @@ from loadbalancer.balancer import Balancer
 from loadbalancer.endpoint import Endpoint
 from loadbalancer.errors import AttemptFailed, NoEndpointAvailable
 from meshserve.busywait import LightLoadPoll
+from meshserve.drain import DRAINING_METADATA, DrainGate
 from meshserve.telemetry import extract_traceparent, format_traceparent, rpc_server_attributes, tracing_enabled
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _DEADLINE_KEY = wire.parameter_key("meshserve.deadline_ms")
 TRACE_ID_METADATA = "meshserve-trace-id"
 RETRY_AFTER_METADATA = "retry-after-ms"
+DRAINING_MESSAGE = "gateway is shutting down; retry the request on another gateway"
 
 
 class RequestRefused(Exception):
@@ -108,6 +110,7 @@ class InferenceForwarder:
         auth: Authenticator,
         limiter: RateLimiter,
         metrics: GatewayMetrics,
+        gate: DrainGate,
         *,
         default_timeout_s: float,
         poll: LightLoadPoll | None = None,
@@ -117,6 +120,7 @@ class InferenceForwarder:
         self.auth = auth
         self.limiter = limiter
         self.metrics = metrics
+        self.gate = gate
         self.default_timeout_s = default_timeout_s
         self._tracer = trace.get_tracer("meshserve.gateway")
         self._tracing = tracing_enabled()
@@ -129,6 +133,8 @@ class InferenceForwarder:
         poll = self._poll
         if poll is not None:
             poll.started()
+        gate = self.gate
+        gate.enter()
         try:
             metadata = context.invocation_metadata()
             head = self.admit(request, metadata)
@@ -161,13 +167,17 @@ class InferenceForwarder:
             await context.abort(grpc.StatusCode.INTERNAL, "internal gateway error")
             raise
         finally:
+            gate.leave()
             elapsed = time.perf_counter() - started
             if poll is not None:
                 poll.finished(elapsed)
             self.metrics.observe(model, code, elapsed)
 
     def admit(self, request: bytes, metadata: Sequence[tuple[str, str | bytes]] | None) -> wire.RequestHead:
-        """Authentication, request head, authorization, rate limit: everything decided before routing."""
+        """Draining, authentication, request head, authorization, rate limit: everything decided before routing."""
+        if self.gate.draining:
+            self.gate.refuse()
+            raise RequestRefused(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE, (DRAINING_METADATA,))
         try:
             tenant = self.auth.authenticate(metadata)
         except AuthError as exc:

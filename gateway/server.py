@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import grpc
@@ -29,6 +30,7 @@ from loadbalancer.balancer import Balancer, ModelPolicy
 from loadbalancer.metrics import BalancerMetrics
 from loadbalancer.settings import BalancerSettings
 from meshserve.busywait import BusyWait, LightLoadPoll
+from meshserve.drain import FLUSH_GRACE_S, DrainGate
 from protos import grpc_service_pb2 as pb
 from protos._pool import POOL
 from registry.discovery import KVWatcher, ServiceWatcher
@@ -68,7 +70,7 @@ def _proto_handler(
 
 
 class Gateway:
-    """Start with `await start()`, stop with `await stop()`."""
+    """Start with `await start()`; on SIGTERM `await drain()`, which stops it; `await stop()` stops it at once."""
 
     def __init__(
         self,
@@ -96,12 +98,14 @@ class Gateway:
         self.balancer_settings = balancer_settings or BalancerSettings()
         self.balancer = Balancer(self.balancer_settings, self._connect, metrics=BalancerMetrics(registry))
         self.routes = RouteTable(self.balancer.versions)
+        self.gate = DrainGate()
         self.forwarder = InferenceForwarder(
             self.balancer,
             self.routes,
             self.auth,
             self.limiter,
             self.metrics,
+            self.gate,
             default_timeout_s=settings.default_timeout_s,
             poll=LightLoadPoll(self._busy_wait, settings.light_load_poll_us / 1e6)
             if settings.light_load_poll_us
@@ -117,6 +121,7 @@ class Gateway:
         self._workers_read = asyncio.Event()
         self._routes_read = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self._stopped = False
         self.port = 0
 
     def _connect(self, instance: ServiceInstance) -> Upstream:
@@ -248,7 +253,32 @@ class Gateway:
             log.info("routes: %s", {m: dict(r.weights) for m, r in routes.items()} or "none (newest versions serve)")
             self._routes_read.set()
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def drain(self) -> None:
+        """NOT_SERVING, keep serving for the drain delay, refuse new requests, let the ones in flight
+        finish and callers stop sending (within the drain grace), stop."""
+        settings = self.settings
+        started = time.monotonic()
+        self.servicer.stopping = True  # ServerReady says no, and a change of workers cannot undo NOT_SERVING
+        log.info("draining: %d requests in flight; serving %.1fs more, grace %.1fs",
+                 self.gate.in_flight, settings.drain_delay, settings.drain_grace)  # fmt: skip
+        with contextlib.suppress(Exception):
+            await self._set_health(False)
+        # Load balancers in front (health checks, DNS) need a moment to stop picking this
+        # gateway; requests on their way are still served meanwhile.
+        await asyncio.sleep(settings.drain_delay)
+        self.gate.begin()
+        self.streams.close_all()
+        await self.gate.settle(started + settings.drain_grace, log)
+        await self.stop(FLUSH_GRACE_S)
+        log.info("drained and stopped in %.2fs; refused %d requests while draining",
+                 time.monotonic() - started, self.gate.refusals)  # fmt: skip
+
+    async def stop(self, grace: float = FLUSH_GRACE_S) -> None:
+        """Stops serving, cancelling what is still in flight after `grace` seconds; safe to call more than once."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.servicer.stopping = True
         with contextlib.suppress(Exception):
             await self._set_health(False)
         if self._server is not None:

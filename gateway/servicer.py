@@ -1,7 +1,7 @@
 """The KServe v2 RPCs other than ModelInfer, as the mesh answers them.
 
 `ServerLive`/`ServerReady` speak for the mesh (ready: at least one passing
-worker); `ServerMetadata` names the gateway; `ModelReady`/`ModelMetadata` go to
+worker, and this gateway not draining); `ServerMetadata` names the gateway; `ModelReady`/`ModelMetadata` go to
 a worker that serves the model version (NOT_FOUND when nobody does).
 Requests stay bytes where they are forwarded.
 """
@@ -29,9 +29,10 @@ class MeshServicer:
         self.routes = routes
         self.auth = auth
         self.version = version
+        self.stopping = False  # set when the gateway begins to drain
 
     def ready(self) -> bool:
-        return bool(self.balancer.endpoints())
+        return not self.stopping and bool(self.balancer.endpoints())
 
     async def server_live(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext

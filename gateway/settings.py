@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from meshserve.settings import MeshSettings
 
 
@@ -44,6 +46,12 @@ class GatewaySettings(MeshSettings):
     # next request are picked up without a thread wake-up. Spins a core meanwhile;
     # 0 turns it off.
     light_load_poll_us: int = 2000
+    # On SIGTERM: health NOT_SERVING at once, requests still served for `drain_delay` seconds
+    # while load balancers in front (health checks, DNS) stop sending here, then refused as
+    # UNAVAILABLE with `meshserve-draining: 1` while the ones in flight finish, within
+    # `drain_grace` seconds of the signal.
+    drain_delay: float = Field(default=1.0, ge=0, description="seconds to keep serving after NOT_SERVING")
+    drain_grace: float = Field(default=10.0, ge=0, description="seconds in-flight requests may take after SIGTERM")
     # Used when the client sets no deadline; the hop always carries one.
     default_timeout_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -27,27 +27,49 @@ log = logging.getLogger(__name__)
 class StreamForwarder:
     def __init__(self, forwarder: InferenceForwarder) -> None:
         self.forwarder = forwarder
+        self._open: set[Callable[[], None]] = set()  # one per open stream: ends it once its requests are answered
+
+    def close_all(self) -> None:
+        """The gateway drains: each open stream ends once the requests it has read are answered.
+
+        Requests read meanwhile are answered too (refused as draining), so none goes unanswered
+        on a stream the client still sees open."""
+        for close in tuple(self._open):
+            close()
 
     async def model_stream_infer(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         metadata = context.invocation_metadata()
         traceparent = metadata_value(metadata, "traceparent")
         write_lock = asyncio.Lock()  # one outstanding write per call
         in_flight: set[asyncio.Task[None]] = set()
+        closing = asyncio.Event()  # the client closed its side, or the gateway drains
+        loop = asyncio.get_running_loop()
 
         async def answer(request: bytes) -> None:
             message = await self._one(request, metadata, traceparent, context)
             async with write_lock:
                 await context.write(message)
 
-        loop = asyncio.get_running_loop()
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    task = loop.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            finally:
+                closing.set()
+
+        if self.forwarder.gate.draining:
+            closing.set()
+        self._open.add(closing.set)
+        reader = loop.create_task(read())
         try:
-            async for request in requests:
-                task = loop.create_task(answer(request))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            if in_flight:
+            await closing.wait()
+            while in_flight:  # the reader may still add requests read while the others finish
                 await asyncio.gather(*in_flight, return_exceptions=True)
         finally:
+            self._open.discard(closing.set)
+            reader.cancel()
             for task in in_flight:
                 task.cancel()
 
@@ -63,6 +85,7 @@ class StreamForwarder:
         model = "_unknown"
         code = "OK"
         request_id = b""
+        forwarder.gate.enter()
         try:
             with contextlib.suppress(wire.WireError):
                 request_id = wire.scan_request(request).id
@@ -83,4 +106,5 @@ class StreamForwarder:
             log.exception("unexpected error forwarding a streamed request", extra={"model": model})
             return wire.encode_stream_error("internal gateway error", request_id)
         finally:
+            forwarder.gate.leave()
             forwarder.metrics.observe(model, code, time.perf_counter() - started)

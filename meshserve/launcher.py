@@ -227,6 +227,10 @@ class Launcher:
                 str(s.port),
                 "--metrics-port",
                 str(s.metrics_port),
+                # Its clients call it directly, with nothing in front that a delay would give time
+                # to notice; it still lets what is in flight finish before it stops.
+                "--drain-delay",
+                "0",
                 *common,
             ],
             # Through the environment, so the key does not show in `ps`.
@@ -329,7 +333,7 @@ class Launcher:
         self.stopping.set()
         self.emit(f"{'up':>9} | stopping: gateway, then workers (draining), then registry")
         if self.gateway is not None:
-            await self.gateway.stop(10)
+            await self.gateway.stop(20)  # its drain grace (10 s) and the flush after it
         await asyncio.gather(*(worker.stop(self.settings.drain_grace + 10) for worker in self.workers))
         if self.registry is not None:
             await self.registry.stop(10)

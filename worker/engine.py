@@ -1,8 +1,7 @@
 """The inference path of one worker, independent of gRPC plumbing: look up, validate, queue, answer.
 
 The servicer turns its answers and `InferenceError`s into RPC responses and
-status codes; the drain logic calls `begin_draining`, then waits for `in_flight`
-to reach zero and for refused requests to stop arriving.
+status codes; the drain logic begins and settles `gate` (`meshserve.drain`).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from meshserve.drain import DrainGate
 from meshserve.telemetry import extract_traceparent, rpc_server_attributes
 from protos import grpc_service_pb2 as pb
 from worker.batcher import Job
@@ -45,43 +45,19 @@ class InferenceEngine:
         self.metrics = metrics
         self.inject_latency = inject_latency_ms / 1000
         self.tracing = tracing
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining_refusals = 0
-        # When the drain began or, later, the last request arrived that was refused for it (monotonic).
-        self._last_arrival_draining = 0.0
+        self.gate = DrainGate()
+
+    @property
+    def draining(self) -> bool:
+        return self.gate.draining
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.in_flight
 
     def queue_depth(self, model_name: str) -> int:
         """Requests waiting in the batchers of this model's versions."""
         return self.repository.queue_depth(model_name)
-
-    def begin_draining(self) -> None:
-        """From now on every request is refused as UNAVAILABLE (draining), which callers retry elsewhere."""
-        self.draining = True
-        self._last_arrival_draining = time.monotonic()
-
-    async def wait_quiet(self, quiet_s: float, within: float) -> bool:
-        """True once no request has arrived for `quiet_s` seconds since the drain began, False if `within`
-        seconds passed first (callers that keep sending to a draining worker)."""
-        give_up = time.monotonic() + within
-        while True:
-            now = time.monotonic()
-            quiet_at = self._last_arrival_draining + quiet_s
-            if now >= quiet_at:
-                return True
-            if now >= give_up:
-                return False
-            await asyncio.sleep(min(quiet_at, give_up) - now)
-
-    async def wait_idle(self, within: float) -> bool:
-        """True once no request is in flight, False if `within` seconds passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), within)
-        except TimeoutError:
-            return False
-        return True
 
     async def infer(
         self,
@@ -90,17 +66,16 @@ class InferenceEngine:
         trace_context: otel_context.Context | None = None,
     ) -> pb.ModelInferResponse:
         """Serves one request; raises InferenceError with the code for the client."""
-        self.in_flight += 1
-        self._idle.clear()
+        gate = self.gate
+        gate.enter()
         started = time.perf_counter()
         label = UNKNOWN_MODEL_LABEL
         code = grpc.StatusCode.OK
         span = None
         model_metrics = None
         try:
-            if self.draining:
-                self.draining_refusals += 1
-                self._last_arrival_draining = time.monotonic()
+            if gate.draining:
+                gate.refuse()
                 raise InferenceError(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
             served = self.repository.get(request.model_name, request.model_version)
             model = served.model
@@ -147,9 +122,7 @@ class InferenceEngine:
                 grpc.StatusCode.INTERNAL, f"internal error serving model '{request.model_name}'; see the worker log"
             ) from exc
         finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+            gate.leave()
             self.metrics.count_request(label, code)
             if model_metrics is not None:
                 model_metrics.duration.observe(time.perf_counter() - started)

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from meshserve.drain import FLUSH_GRACE_S
 from meshserve.telemetry import MetricsServer, process_registry, start_metrics_server
 from protos import grpc_service_pb2_grpc, mesh_pb2_grpc
 from protos._pool import POOL
@@ -31,15 +32,6 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 ADMIN_SERVICE = "meshserve.v1.MeshAdmin"
-# After the in-flight work is done, how long gRPC may take to flush the last responses.
-FLUSH_GRACE_S = 2.0
-# The gRPC server stops only once no request has arrived for this long. A request that reaches
-# grpc while its server shuts down can sit unanswered until the flush grace runs out (or past
-# the caller's deadline), where one refused as draining is retried elsewhere at once; callers
-# stop sending after their first refusal, or when the registry drops this worker. Callers that
-# never stop (a client looping on a draining worker) hold the stop back at most QUIET_WAIT_MAX_S.
-QUIET_BEFORE_STOP_S = 0.2
-QUIET_WAIT_MAX_S = 2.0
 
 
 def advertised_address(host: str, advertise: str | None) -> str:
@@ -168,22 +160,17 @@ class WorkerServer:
             # Balancers (registry watchers, health checkers) need a moment to stop picking
             # this worker; requests already on their way are still served meanwhile.
             await asyncio.sleep(settings.drain_delay)
-            self.engine.begin_draining()
+            gate = self.engine.gate
+            gate.begin()
             self.servicer.stop_streams()
-            give_up = started + grace
-            if not await self.engine.wait_idle(max(0.0, give_up - time.monotonic())):
-                log.warning("drain grace of %.1fs ran out with %d requests in flight", grace, self.engine.in_flight)
-            else:
-                within = min(QUIET_WAIT_MAX_S, max(0.0, give_up - time.monotonic()))
-                if not await self.engine.wait_quiet(QUIET_BEFORE_STOP_S, within) and self.engine.draining_refusals:
-                    log.warning("requests were still arriving after %.1fs of waiting for callers to stop", within)
+            await gate.settle(started + grace, log)
             if self._server is not None:
                 await self._server.stop(FLUSH_GRACE_S)
             await self.close()
             log.info(
                 "drained and stopped in %.2fs; refused %d requests while draining",
                 time.monotonic() - started,
-                self.engine.draining_refusals,
+                gate.refusals,
             )
         finally:
             self._stopped.set()

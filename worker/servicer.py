@@ -11,6 +11,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from meshserve import __version__
+from meshserve.drain import DRAINING_METADATA
 from meshserve.telemetry import extract_traceparent
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -79,7 +80,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer, mesh_pb2_grpc.Work
         except InferenceError as exc:
             trailer = self._load_report(request.model_name)
             if engine.draining and exc.code == grpc.StatusCode.UNAVAILABLE:
-                trailer += (("meshserve-draining", "1"),)
+                trailer += (DRAINING_METADATA,)
             await context.abort(exc.code, exc.message, trailing_metadata=trailer)
         context.set_trailing_metadata(self._load_report(request.model_name))
         return response

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from subprocess import Popen
 
     from gateway.settings import GatewaySettings
@@ -34,6 +35,10 @@ def gateway(
     worker_tls_key: Path = typer.Option(None, help="Client key for mTLS to workers"),
     processes: int = typer.Option(None, help="Gateway processes sharing the port (SO_REUSEPORT) [default: 1]"),
     metrics_port: int = typer.Option(None, help="Prometheus /metrics port; 0 picks a free one [default: 8002]"),
+    drain_delay: float = typer.Option(
+        None, help="Seconds to keep serving after SIGTERM while load balancers in front notice [default: 1]"
+    ),
+    drain_grace: float = typer.Option(None, help="Seconds in-flight requests may take after SIGTERM [default: 10]"),
     log_level: str = typer.Option(None, help="debug, info, warning, error [default: info]"),
 ) -> None:
     """Serves KServe v2 to clients and forwards requests to the workers found in the registry."""
@@ -61,6 +66,8 @@ def gateway(
             worker_tls_key=worker_tls_key,
             processes=processes,
             metrics_port=metrics_port,
+            drain_delay=drain_delay,
+            drain_grace=drain_grace,
             log_level=log_level,
         )
     except ValidationError as exc:
@@ -70,12 +77,13 @@ def gateway(
     telemetry.configure_tracing("gateway")
     children = _spawn_siblings(settings) if settings.processes > 1 else []
     try:
-        asyncio.run(_serve(settings))
+        # Siblings drain alongside this process, not after it.
+        asyncio.run(_serve(settings, on_stop=lambda: _signal_siblings(children)))
     except (PortInUse, telemetry.MetricsPortInUse, OSError, ValueError) as exc:
         typer.echo(f"gateway failed: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
-        _stop_siblings(children)
+        _stop_siblings(children, settings.drain_delay + settings.drain_grace + 10)
         telemetry.shutdown()
 
 
@@ -111,21 +119,26 @@ def _without_option(args: list[str], name: str) -> list[str]:
     return out
 
 
-def _stop_siblings(children: list[Popen[bytes]]) -> None:
+def _signal_siblings(children: list[Popen[bytes]]) -> None:
     import signal
-    import subprocess
 
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
+
+
+def _stop_siblings(children: list[Popen[bytes]], timeout_s: float) -> None:
+    import subprocess
+
+    _signal_siblings(children)  # a sibling that already had its SIGTERM ignores this one
     for child in children:
         try:
-            child.wait(timeout=10)
+            child.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             child.kill()
 
 
-async def _serve(settings: GatewaySettings) -> None:
+async def _serve(settings: GatewaySettings, on_stop: Callable[[], None]) -> None:
     import asyncio
     import contextlib
     import signal
@@ -153,6 +166,8 @@ async def _serve(settings: GatewaySettings) -> None:
             starting.result()  # a port in use, say, ends here
             freeze_startup_objects()
             await stop_requested
+            on_stop()
+            await gateway.drain()
     finally:
         for task in (starting, stop_requested):
             task.cancel()

@@ -119,6 +119,25 @@ def test_workers_scale_share_the_model_volume_and_advertise_their_own_address(co
         assert worker["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
 
 
+def test_compose_waits_for_each_drain_before_it_kills(compose: dict[str, Any]) -> None:
+    """`docker compose stop` sends SIGTERM, then SIGKILL after stop_grace_period (10 s unless set):
+    a killed worker or gateway fails the requests its drain would have finished."""
+    from gateway.settings import GatewaySettings
+    from meshserve.drain import FLUSH_GRACE_S
+    from worker.settings import WorkerSettings
+
+    def seconds(period: str) -> float:
+        assert period.endswith("s"), period
+        return float(period[:-1])
+
+    # Each grace counts from the signal, the drain delay included.
+    gateway_drain = GatewaySettings().drain_grace + FLUSH_GRACE_S
+    assert seconds(compose["services"]["gateway"]["stop_grace_period"]) >= gateway_drain
+    worker_drain = WorkerSettings(model_repository=Path("/models")).drain_grace + FLUSH_GRACE_S
+    for name in ("worker", "worker-gpu"):
+        assert seconds(compose["services"][name]["stop_grace_period"]) >= worker_drain
+
+
 def test_a_worker_without_advertise_address_registers_its_container_address() -> None:
     """What the compose workers rely on: in a container the hostname resolves to the container's own IP."""
     from worker.server import advertised_address
