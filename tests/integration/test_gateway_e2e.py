@@ -399,6 +399,12 @@ def test_processes_share_the_port_and_stop_together(mesh: Mesh) -> None:
     assert gateway.stop(timeout=20) == 0
     wait_until(lambda: not _ps_children(gateway.pid) and not Path(f"/proc/{children[0]}").exists(), 10,
                what="sibling gateway stopped")  # fmt: skip
+    # They drain side by side: the first passes its SIGTERM on at once, not after its own drain.
+    lines = gateway.output().splitlines()
+    began = [index for index, line in enumerate(lines) if "draining:" in line]
+    ended = [index for index, line in enumerate(lines) if "drained and stopped" in line]
+    assert len(began) == len(ended) == 2, lines[-20:]
+    assert max(began) < min(ended), lines[-20:]
 
 
 def _ps_children(pid: int) -> list[str]:
