@@ -1,8 +1,9 @@
 """The KServe v2 RPCs other than ModelInfer, as the mesh answers them.
 
 `ServerLive`/`ServerReady` speak for the mesh (ready: at least one passing
-worker, and this gateway not draining); `ServerMetadata` names the gateway; `ModelReady`/`ModelMetadata` go to
-a worker that serves the model version (NOT_FOUND when nobody does).
+worker, and this gateway not draining); `ServerMetadata` names the gateway;
+`ModelReady`/`ModelMetadata` go to a worker that serves the model version
+(NOT_FOUND when nobody does).
 Requests stay bytes where they are forwarded.
 """
 

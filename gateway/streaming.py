@@ -56,6 +56,8 @@ class StreamForwarder:
                     task = loop.create_task(answer(request))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
+            except Exception as exc:  # the client's side broke: answer what was read, then end
+                log.debug("reading a ModelStreamInfer stream ended: %r", exc)
             finally:
                 closing.set()
 
