@@ -43,7 +43,14 @@ def status(
         raise typer.Exit(2) from None
 
     table = Table(title=f"{service}: {sum(i.passing for i in instances)} of {len(instances)} passing")
-    for column in ("address", "id", "models", "status", "device", "load"):
+    # An operator copies addresses and ids from here: on a narrow terminal (80 columns when piped)
+    # the models column wraps instead of these being cut short.
+    for column, values in (
+        ("address", [health.instance.target for health in instances]),
+        ("id", [health.instance.id for health in instances]),
+    ):
+        table.add_column(column, no_wrap=True, min_width=max(map(len, values), default=len(column)))
+    for column in ("models", "status", "device", "load"):
         table.add_column(column)
     for health in instances:
         inst = health.instance

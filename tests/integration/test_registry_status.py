@@ -17,14 +17,14 @@ from tests.harness import REPO_ROOT, ProcessGroup, free_port
 pytestmark = pytest.mark.integration
 
 
-def status(url: str) -> subprocess.CompletedProcess[str]:
+def status(url: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "meshserve", "status", "--registry", url],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        env={"COLUMNS": str(columns), "PATH": "/usr/bin:/bin"},
     )
 
 
@@ -86,3 +86,8 @@ def test_status_shows_a_real_workers_models_and_load(processes: ProcessGroup, de
     assert f":{port}" in result.stdout
     assert "queue 0" in result.stdout  # read from the worker's /metrics, advertised in Meta
     assert "mlp784:1" in result.stdout
+    # Whole on 80 columns, what a pipe gets: an operator copies addresses and ids from here.
+    with urllib.request.urlopen(url.replace("consul://", "http://") + "/v1/agent/services", timeout=5) as response:
+        (worker_id,) = json.loads(response.read())
+    narrow = status(url, columns=80)
+    assert f" {address} " in narrow.stdout and f" {worker_id} " in narrow.stdout, narrow.stdout
