@@ -2,8 +2,8 @@
 
 Start order: registry, workers, gateway; the gateway is ready once a worker
 passes its health check. Stop order (Ctrl-C / SIGTERM): gateway, workers
-(each drains), registry. A child that dies meanwhile is reported and started
-again. Children run in their own sessions so a terminal's Ctrl-C reaches only
+(each drains), registry; a second Ctrl-C kills what still runs. A child that
+dies meanwhile is reported and started again. Children run in their own sessions so a terminal's Ctrl-C reaches only
 the launcher, which then stops them in order; on Linux they also get SIGTERM
 if the launcher itself is killed, so none outlives it.
 """
@@ -141,6 +141,12 @@ class Child:
         )
         emit(f"{'up':>9} | started {self.name} (pid {self.process.pid})")
 
+    def kill(self) -> None:
+        """SIGKILL, if it is still running."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+
     async def pump(self, emit: Callable[[str], None]) -> None:
         assert self.process is not None and self.process.stdout is not None
         while line := await self.process.stdout.readline():
@@ -172,6 +178,7 @@ class Launcher:
         self.emit = emit
         self.registry_url = f"consul://127.0.0.1:{settings.registry_port}"
         self.stopping = asyncio.Event()
+        self.forced = False  # a second signal killed the children instead of letting them drain
         self._supervisors: list[asyncio.Task[None]] = []
         self.registry: Child | None = None
         self.workers: list[Child] = []
@@ -329,6 +336,20 @@ class Launcher:
         for line in lines:
             self.emit(f"{'up':>9} | {line}" if line else "")
 
+    def request_stop(self) -> None:
+        """The first SIGINT/SIGTERM stops the mesh in order, each child draining; a second one (an impatient
+        Ctrl-C) kills whatever is still running at once."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            return
+        if self.forced:
+            return
+        self.forced = True
+        self.emit(f"{'up':>9} | second signal: killing what still runs, without draining")
+        for child in (self.gateway, *self.workers, self.registry):
+            if child is not None:
+                child.kill()
+
     async def shutdown(self) -> None:
         self.stopping.set()
         self.emit(f"{'up':>9} | stopping: gateway, then workers (draining), then registry")
@@ -347,6 +368,8 @@ async def launch(settings: UpSettings, repository: Path, api_key: str, emit: Cal
     launcher = Launcher(settings, emit)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, launcher.stopping.set)
+        loop.add_signal_handler(signum, launcher.request_stop)
     launcher.check_ports()
     await launcher.run(repository, api_key)
+    if launcher.forced:
+        raise LaunchError("stopped by a second signal: the workers and the gateway were killed, not drained")

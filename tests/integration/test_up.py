@@ -80,6 +80,29 @@ def test_up_starts_answers_restarts_and_stops_cleanly(
     assert stopping.index("drained") < stopping.index("registry agent stopping")
 
 
+def test_a_second_signal_kills_what_still_runs(demo_repository: Path, processes: ProcessGroup, tmp_path: Path) -> None:
+    """An impatient second Ctrl-C does not wait out the drains: every child is killed, and the exit code
+    says the stop was not clean."""
+    repository = tmp_path / "repo"
+    shutil.copytree(demo_repository / "mlp784", repository / "mlp784")
+    port, registry_port, metrics_port = free_port(), free_port(), free_port()
+    up = processes.start(
+        "up", "up", "--workers", "1", "--port", str(port), "--registry-port", str(registry_port),
+        "--metrics-port", str(metrics_port), "--model-repository", str(repository),
+    )  # fmt: skip
+    up.wait_for_output("meshserve is up", timeout=90)
+    pids = [pid for group in _started_pids(up.output()).values() for pid in group]
+    up.signal(signal.SIGINT)
+    up.wait_for_output("stopping: gateway", timeout=10)
+    up.signal(signal.SIGINT)  # the worker's drain (its 1 s drain delay, at least) has not ended yet
+    assert up.popen.wait(timeout=30) == 1
+    output = up.output()
+    assert "second signal: killing what still runs" in output
+    assert "stopped by a second signal" in output
+    assert not [line for line in output.splitlines() if "worker-1 |" in line and "drained and stopped" in line]
+    wait_until(lambda: not any(_pid_alive(pid) for pid in pids), 5, what="children gone")
+
+
 def test_up_with_a_port_in_use_says_so(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
