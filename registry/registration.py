@@ -1,4 +1,4 @@
-"""Self-registration of a worker: register, stay registered through agent restarts, change tags, drain."""
+"""Self-registration of a worker or gateway: register, stay registered through agent restarts, change tags, drain."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ from typing import Any, Literal
 
 import consul
 import consul.aio
+
+try:
+    from consul.exceptions import ACLPermissionDenied, BadRequest
+except ImportError:  # py-consul before its `exceptions` module kept them in `base`
+    from consul.base import ACLPermissionDenied, BadRequest  # type: ignore[no-redef]
 
 from registry.agent.durations import parse_duration
 from registry.blocking import Backoff, RegistryErrors
@@ -33,7 +38,7 @@ def new_service_id(port: int) -> str:
 
 @dataclass
 class ServiceRegistration:
-    """What a worker registers. The defaults drop a `kill -9`'ed worker out of `?passing` within ~2 s
+    """What a worker or gateway registers. The defaults drop a `kill -9`'ed worker out of `?passing` within ~2 s
     (1 s interval + 1 s timeout) and out of the catalog after 30 s."""
 
     service_id: str
@@ -131,7 +136,7 @@ class SelfRegistration:
                         replace_existing_checks=True,
                     )
                 )
-            except (consul.BadRequest, consul.ACLPermissionDenied) as exc:
+            except (BadRequest, ACLPermissionDenied) as exc:
                 raise RegistrationError(f"the registry rejected service {reg.service_id}: {exc}") from exc
             if reg.check == "ttl":
                 await self._call(self._consul.agent.check.ttl_pass(reg.check_id, "registered"))

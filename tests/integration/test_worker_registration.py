@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ProcessGroup, grpc_serving, wait_until
+from tests.harness import ProcessGroup, free_port, grpc_serving, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,3 +42,18 @@ def test_worker_registers_and_deregisters_before_it_stops(demo_repository: Path,
     assert proc.alive()
     assert proc.popen.wait(timeout=30) == 0
     assert not grpc_serving(address)
+
+
+def test_a_worker_started_before_its_registry_serves_and_registers_once_it_answers(
+    demo_repository: Path, processes: ProcessGroup
+) -> None:
+    """Compose waits for Consul's health check; a host reboot or a Consul restart may not: the worker
+    must not exit because the registry is not there yet."""
+    registry_port = free_port()
+    registry_url = f"consul://127.0.0.1:{registry_port}"
+    proc, address = processes.worker(demo_repository, "--host", "127.0.0.1", registry_url=registry_url)
+    proc.wait_for_output("will register as", timeout=10)
+    assert grpc_serving(address)
+    processes.registry(port=registry_port)
+    wait_until(lambda: len(passing_workers(registry_url)) == 1, 30, what="the worker registered and passing")
+    assert proc.alive()
