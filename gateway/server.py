@@ -21,6 +21,7 @@ from gateway.auth import AuthConfig, Authenticator, AuthFileWatcher, single_key_
 from gateway.forwarding import InferenceForwarder
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
+from gateway.registration import GatewayRegistration
 from gateway.routes import RouteTable, parse_routes
 from gateway.servicer import SERVICE, MeshServicer
 from gateway.settings import GatewaySettings
@@ -33,6 +34,7 @@ from meshserve.busywait import BusyWait, LightLoadPoll
 from meshserve.drain import FLUSH_GRACE_S, DrainGate
 from protos import grpc_service_pb2 as pb
 from protos._pool import POOL
+from registry.address import advertised_address
 from registry.discovery import KVWatcher, ServiceWatcher
 from registry.metrics import RegistryMetrics
 from registry.model import ServiceInstance
@@ -79,8 +81,10 @@ class Gateway:
         metrics_registry: CollectorRegistry | None = None,
         balancer_settings: BalancerSettings | None = None,
         version: str = "0",
+        metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics_port = metrics_port  # advertised in the registry, for Prometheus
         registry = metrics_registry or CollectorRegistry()
         self.metrics = GatewayMetrics(registry)
         # The registry client's own metrics (meshserve_registry_stale{watch}, errors, updates).
@@ -121,6 +125,7 @@ class Gateway:
         self._workers_read = asyncio.Event()
         self._routes_read = asyncio.Event()
         self._server: grpc.aio.Server | None = None
+        self.registration: GatewayRegistration | None = None
         self._stopped = False
         self.port = 0
 
@@ -198,6 +203,17 @@ class Gateway:
         await self._server.start()
         if self._auth_watcher is not None:
             self._auth_watcher.start()
+        if self.settings.register:
+            settings = self.settings
+            self.registration = GatewayRegistration(
+                settings.registry,
+                advertised_address(settings.host, settings.advertise_address),
+                self.port,
+                self.metrics_port,
+                settings.processes,
+                tls=settings.tls_cert is not None,
+            )
+            await self.registration.start()
         scheme = "TLS" if self.settings.tls_cert else "plaintext"
         log.info("gateway serving on %s:%d (%s), registry %s", self.settings.host, self.port, scheme,
                  self.settings.registry)  # fmt: skip
@@ -254,8 +270,8 @@ class Gateway:
             self._routes_read.set()
 
     async def drain(self) -> None:
-        """NOT_SERVING, keep serving for the drain delay, refuse new requests, let the ones in flight
-        finish and callers stop sending (within the drain grace), stop."""
+        """NOT_SERVING, deregister, keep serving for the drain delay, refuse new requests, let the ones
+        in flight finish and callers stop sending (within the drain grace), stop."""
         settings = self.settings
         started = time.monotonic()
         self.servicer.stopping = True  # ServerReady says no, and a change of workers cannot undo NOT_SERVING
@@ -263,8 +279,10 @@ class Gateway:
                  self.gate.in_flight, settings.drain_delay, settings.drain_grace)  # fmt: skip
         with contextlib.suppress(Exception):
             await self._set_health(False)
-        # Load balancers in front (health checks, DNS) need a moment to stop picking this
-        # gateway; requests on their way are still served meanwhile.
+        if self.registration is not None:
+            await self.registration.drain()
+        # Load balancers in front (health checks, DNS, the registry) need a moment to stop
+        # picking this gateway; requests on their way are still served meanwhile.
         await asyncio.sleep(settings.drain_delay)
         self.gate.begin()
         self.streams.close_all()
@@ -281,6 +299,8 @@ class Gateway:
         self.servicer.stopping = True
         with contextlib.suppress(Exception):
             await self._set_health(False)
+        if self.registration is not None:
+            await self.registration.drain()  # done already when the drain ran
         if self._server is not None:
             await self._server.stop(grace)
         for task in self._tasks:
@@ -294,6 +314,9 @@ class Gateway:
                     await watcher.close()
         if self._auth_watcher is not None:
             await self._auth_watcher.close()
+        if self.registration is not None:
+            with contextlib.suppress(Exception):
+                await self.registration.close()
         await self.balancer.close()
 
     async def wait_for_termination(self) -> None:

@@ -17,6 +17,10 @@ class GatewaySettings(MeshSettings):
     registry_first_read_s: float = 10.0
     host: str = "0.0.0.0"
     port: int = 8001
+    # Registered in the registry as `meshserve-gateway` (for load balancers in front and Prometheus),
+    # at this address or, unset, the bind host (this host's address when that is 0.0.0.0).
+    register: bool = True
+    advertise_address: str | None = None
     metrics_port: int = 8002
     log_level: str = "info"
     # Authentication: an auth file (tenants, hashed keys, JWT) or one API key

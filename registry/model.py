@@ -10,6 +10,8 @@ from typing import Any, Literal
 MODEL_TAG_PREFIX = "model="
 MESH_TAG = "meshserve"
 SERVICE_NAME = "meshserve-worker"
+# Gateways register too, under their own name: load balancers in front and Prometheus find them there.
+GATEWAY_SERVICE_NAME = "meshserve-gateway"
 
 
 def model_tag(name: str, version: str | int) -> str:

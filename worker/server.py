@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,7 @@ from meshserve.drain import FLUSH_GRACE_S
 from meshserve.telemetry import MetricsServer, process_registry, start_metrics_server
 from protos import grpc_service_pb2_grpc, mesh_pb2_grpc
 from protos._pool import POOL
+from registry.address import advertised_address
 from worker.admin import WorkerAdminServicer
 from worker.engine import InferenceEngine
 from worker.metrics import WorkerMetrics
@@ -32,17 +32,6 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 ADMIN_SERVICE = "meshserve.v1.MeshAdmin"
-
-
-def advertised_address(host: str, advertise: str | None) -> str:
-    """What others should dial: the explicit address, else the bind host, else this host's address."""
-    if advertise:
-        return advertise
-    if host not in ("0.0.0.0", "::", ""):
-        return host
-    with contextlib.suppress(OSError):
-        return socket.gethostbyname(socket.gethostname())
-    return "127.0.0.1"
 
 
 def server_credentials(settings: WorkerSettings) -> grpc.ServerCredentials | None:

@@ -26,6 +26,12 @@ def gateway(
     ),
     port: int = typer.Option(None, help="Public gRPC port [default: 8001]"),
     host: str = typer.Option(None, help="Address to bind [default: 0.0.0.0]"),
+    advertise_address: str = typer.Option(
+        None, help="Address registered in the registry [default: the bind host, or this host's address]"
+    ),
+    register: bool = typer.Option(
+        None, "--register/--no-register", help="Register as meshserve-gateway in the registry [default: register]"
+    ),
     auth_file: Path = typer.Option(None, help="Tenants, hashed API keys and JWT settings (YAML/JSON); reloaded live"),
     api_key: str = typer.Option(None, help="A single API key allowed to call every model"),
     tls_cert: Path = typer.Option(None, help="PEM certificate for TLS on the public port"),
@@ -57,6 +63,8 @@ def gateway(
             registry=registry,
             port=port,
             host=host,
+            advertise_address=advertise_address,
+            register=register,
             auth_file=auth_file,
             api_key=api_key,
             tls_cert=tls_cert,
@@ -92,13 +100,20 @@ def _spawn_siblings(settings: GatewaySettings) -> list[Popen[bytes]]:
     import os
     import subprocess
 
-    env = {**os.environ, "MESHSERVE_PROCESSES": str(settings.processes), "MESHSERVE_SIBLING": "1"}
+    # The siblings share the first process's port and its one registry entry.
+    env = {
+        **os.environ,
+        "MESHSERVE_PROCESSES": str(settings.processes),
+        "MESHSERVE_SIBLING": "1",
+        "MESHSERVE_REGISTER": "false",
+    }
     args = list(sys.argv[1:])
     children: list[Popen[bytes]] = []
     if os.environ.get("MESHSERVE_SIBLING") == "1":
         return children
     for _ in range(settings.processes - 1):
-        command = [sys.executable, "-m", "meshserve", *_without_option(args, "--metrics-port"), "--metrics-port", "0"]
+        sibling_args = [arg for arg in _without_option(args, "--metrics-port") if arg != "--register"]
+        command = [sys.executable, "-m", "meshserve", *sibling_args, "--metrics-port", "0"]
         children.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
     return children
 
@@ -148,9 +163,14 @@ async def _serve(settings: GatewaySettings, on_stop: Callable[[], None]) -> None
     from meshserve.commands import freeze_startup_objects
 
     registry = telemetry.process_registry()
-    gateway = Gateway(settings, metrics_registry=registry, version=__version__)
     metrics_server = (
         telemetry.start_metrics_server(registry, settings.metrics_port) if settings.metrics_port >= 0 else None
+    )
+    gateway = Gateway(
+        settings,
+        metrics_registry=registry,
+        version=__version__,
+        metrics_port=metrics_server.port if metrics_server is not None else None,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,8 +19,8 @@ def status(
     ),
     service: str = typer.Option("meshserve-worker", "--service", help="Service name the workers register as"),
 ) -> None:
-    """Lists workers with their models, check status, device and load. Exits 1 when no worker is passing,
-    2 when the registry cannot be reached."""
+    """Lists workers (or, with --service meshserve-gateway, gateways) with their models, check status, device
+    and load. Exits 1 when none is passing, 2 when the registry cannot be reached."""
     import asyncio
 
     from rich.console import Console
@@ -62,5 +62,6 @@ def status(
         )
     console.print(table)
     if not any(health.passing for health in instances):
-        console.print("[red]no worker is passing[/red]")
+        what = "worker" if service == "meshserve-worker" else f"{service} instance"
+        console.print(f"[red]no {what} is passing[/red]")
         raise typer.Exit(1)

@@ -390,6 +390,11 @@ def test_processes_share_the_port_and_stop_together(mesh: Mesh) -> None:
     address = f"127.0.0.1:{port}"
     gateway.wait_serving(address)
     wait_until(lambda: gateway.output().count("gateway serving on") == 2, 20, what="two gateway processes")
+    # One registry entry for the port the two share, not one per process.
+    with urllib.request.urlopen(mesh.registry_url.replace("consul://", "http://") + "/v1/agent/services") as reply:
+        services = json.load(reply).values()
+    entries = [s for s in services if s["Service"] == "meshserve-gateway" and s["Port"] == port]
+    assert [entry["Meta"]["processes"] for entry in entries] == ["2"]
     for _ in range(20):
         client = triton.InferenceServerClient(address)  # new connections spread over the processes
         assert client.infer("digits", [_digits_input()[1]], headers=_bearer(FULL_KEY)).as_numpy("label").shape == (1,)

@@ -140,7 +140,7 @@ def test_compose_waits_for_each_drain_before_it_kills(compose: dict[str, Any]) -
 
 def test_a_worker_without_advertise_address_registers_its_container_address() -> None:
     """What the compose workers rely on: in a container the hostname resolves to the container's own IP."""
-    from worker.server import advertised_address
+    from registry.address import advertised_address
 
     assert advertised_address("0.0.0.0", None) == socket.gethostbyname(socket.gethostname())
     assert advertised_address("0.0.0.0", "10.1.2.3") == "10.1.2.3"
@@ -169,19 +169,20 @@ def test_infrastructure_services(compose: dict[str, Any]) -> None:
                 assert (REPO_ROOT / source).exists(), f"{source} is mounted but missing"
 
 
-def test_prometheus_discovers_workers_through_consul_metrics_port_meta() -> None:
+def test_prometheus_discovers_workers_and_gateways_through_consul_metrics_port_meta() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
 
-    worker = jobs["meshserve-worker"]
-    assert worker["consul_sd_configs"] == [{"server": "consul:8500", "services": ["meshserve-worker"]}]
-    address_rule = next(rule for rule in worker["relabel_configs"] if rule.get("target_label") == "__address__")
-    assert address_rule["source_labels"] == [
-        "__meta_consul_service_address",
-        "__meta_consul_service_metadata_metrics_port",
-    ]
-    assert re.fullmatch(address_rule["regex"], "172.18.0.7;8002")
-    assert jobs["meshserve-gateway"]["dns_sd_configs"][0]["names"] == ["gateway"]
+    # Gateways register as meshserve-gateway (gateway/registration.py), with their metrics port in Meta too.
+    for service in ("meshserve-worker", "meshserve-gateway"):
+        job = jobs[service]
+        assert job["consul_sd_configs"] == [{"server": "consul:8500", "services": [service]}]
+        address_rule = next(rule for rule in job["relabel_configs"] if rule.get("target_label") == "__address__")
+        assert address_rule["source_labels"] == [
+            "__meta_consul_service_address",
+            "__meta_consul_service_metadata_metrics_port",
+        ]
+        assert re.fullmatch(address_rule["regex"], "172.18.0.7;8002")
 
 
 def dashboard_metric_names() -> set[str]:
