@@ -203,7 +203,7 @@ class Gateway:
         await self._server.start()
         if self._auth_watcher is not None:
             self._auth_watcher.start()
-        if self.settings.register:
+        if self.settings.self_register:
             settings = self.settings
             self.registration = GatewayRegistration(
                 settings.registry,

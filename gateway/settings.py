@@ -19,7 +19,7 @@ class GatewaySettings(MeshSettings):
     port: int = 8001
     # Registered in the registry as `meshserve-gateway` (for load balancers in front and Prometheus),
     # at this address or, unset, the bind host (this host's address when that is 0.0.0.0).
-    register: bool = True
+    self_register: bool = True
     advertise_address: str | None = None
     metrics_port: int = 8002
     log_level: str = "info"

@@ -64,7 +64,7 @@ def gateway(
             port=port,
             host=host,
             advertise_address=advertise_address,
-            register=register,
+            self_register=register,
             auth_file=auth_file,
             api_key=api_key,
             tls_cert=tls_cert,
@@ -105,7 +105,7 @@ def _spawn_siblings(settings: GatewaySettings) -> list[Popen[bytes]]:
         **os.environ,
         "MESHSERVE_PROCESSES": str(settings.processes),
         "MESHSERVE_SIBLING": "1",
-        "MESHSERVE_REGISTER": "false",
+        "MESHSERVE_SELF_REGISTER": "false",
     }
     args = list(sys.argv[1:])
     children: list[Popen[bytes]] = []
