@@ -9,11 +9,7 @@ worker) and leaves `?passing` the moment its drain begins.
 
 from __future__ import annotations
 
-import logging
-
 from meshserve import __version__
-
-log = logging.getLogger(__name__)
 
 # A gateway with no passing worker fails its check, for as long as the workers are gone: it must
 # stay in the catalog meanwhile (critical, so out of `?passing`), not be reaped and registered again
@@ -51,10 +47,6 @@ class GatewayRegistration:
 
     async def start(self) -> None:
         await self._registration.start()
-        if self._registration.registered:
-            log.info("registered as %s", self.service_id)
-        else:
-            log.info("will register as %s once the registry answers", self.service_id)
 
     async def drain(self) -> None:
         """Maintenance, then deregister; once (later calls do nothing), and never raises."""

@@ -113,7 +113,8 @@ class SelfRegistration:
             await self._register()
         except RegistryErrors as exc:
             log.warning(
-                "registry unreachable; will keep trying to register",
+                "registry unreachable; will register as %s once it answers",
+                self.registration.service_id,
                 extra={"registry": str(self._address), "error": f"{type(exc).__name__}: {exc}"},
             )
         self._task = asyncio.create_task(self._maintain(), name="registry-self-registration")
@@ -143,7 +144,8 @@ class SelfRegistration:
             self.registered = True
             self.registrations += 1
             log.info(
-                "registered in the registry",
+                "registered as %s",
+                reg.service_id,
                 extra={"service_id": reg.service_id, "registry": str(self._address), "tags": ",".join(reg.all_tags())},
             )
 

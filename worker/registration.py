@@ -63,10 +63,6 @@ class WorkerRegistration:
 
     async def start(self) -> None:
         await self._registration.start()
-        if self._registration.registered:
-            log.info("registered as %s", self.service_id)
-        else:
-            log.info("will register as %s once the registry answers", self.service_id)
 
     async def update_tags(self) -> None:
         await self._registration.set_tags(model_tags(self.repository))
