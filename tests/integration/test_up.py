@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from tests.harness import REPO_ROOT, ProcessGroup, free_port, wait_until
+from tests.harness import REPO_ROOT, ManagedProcess, ProcessGroup, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,17 +42,25 @@ def _started_pids(output: str) -> dict[str, list[int]]:
     return pids
 
 
-def test_up_starts_answers_restarts_and_stops_cleanly(
-    demo_repository: Path, processes: ProcessGroup, tmp_path: Path
-) -> None:
+def start_up(
+    processes: ProcessGroup, demo_repository: Path, tmp_path: Path, workers: int
+) -> tuple[ManagedProcess, int]:
+    """`meshserve up` on free ports, serving mlp784; returns it, once it says it is up, and its gateway port."""
     repository = tmp_path / "repo"
     shutil.copytree(demo_repository / "mlp784", repository / "mlp784")
     port, registry_port, metrics_port = free_port(), free_port(), free_port()
     up = processes.start(
-        "up", "up", "--workers", "2", "--port", str(port), "--registry-port", str(registry_port),
+        "up", "up", "--workers", str(workers), "--port", str(port), "--registry-port", str(registry_port),
         "--metrics-port", str(metrics_port), "--model-repository", str(repository),
     )  # fmt: skip
     up.wait_for_output("meshserve is up", timeout=90)
+    return up, port
+
+
+def test_up_starts_answers_restarts_and_stops_cleanly(
+    demo_repository: Path, processes: ProcessGroup, tmp_path: Path
+) -> None:
+    up, port = start_up(processes, demo_repository, tmp_path, workers=2)
     output = up.output()
     key = re.search(r"API key\s+(\S+)", output).group(1)
     assert f"meshserve infer mlp784 --random --url 127.0.0.1:{port} --api-key {key}" in output
@@ -83,14 +91,7 @@ def test_up_starts_answers_restarts_and_stops_cleanly(
 def test_a_second_signal_kills_what_still_runs(demo_repository: Path, processes: ProcessGroup, tmp_path: Path) -> None:
     """An impatient second Ctrl-C does not wait out the drains: every child is killed, and the exit code
     says the stop was not clean."""
-    repository = tmp_path / "repo"
-    shutil.copytree(demo_repository / "mlp784", repository / "mlp784")
-    port, registry_port, metrics_port = free_port(), free_port(), free_port()
-    up = processes.start(
-        "up", "up", "--workers", "1", "--port", str(port), "--registry-port", str(registry_port),
-        "--metrics-port", str(metrics_port), "--model-repository", str(repository),
-    )  # fmt: skip
-    up.wait_for_output("meshserve is up", timeout=90)
+    up, _ = start_up(processes, demo_repository, tmp_path, workers=1)
     pids = [pid for group in _started_pids(up.output()).values() for pid in group]
     up.signal(signal.SIGINT)
     up.wait_for_output("stopping: gateway", timeout=10)
