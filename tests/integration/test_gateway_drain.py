@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
@@ -130,3 +134,67 @@ async def test_an_open_stream_is_answered_then_ended_cleanly(demo_repository: Pa
     assert code == grpc.StatusCode.OK
     assert ended_after < 5.0, f"the stream ended {ended_after:.1f}s after SIGTERM"
     assert exit_code == 0
+
+
+# README, "Several gateways": what a client with more than one gateway address should use.
+CLIENT_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": "inference.GRPCInferenceService"},
+    "methodConfig": [
+        {
+            "name": [{"service": "inference.GRPCInferenceService"}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
+async def test_a_client_following_gateway_health_loses_nothing_when_one_of_two_gateways_stops(
+    demo_repository: Path, processes: ProcessGroup
+) -> None:
+    """The stock tritonclient, given both gateways' addresses and the README's service config: client-side
+    health checking moves its requests off the draining gateway during the drain delay, so none fails and
+    the draining gateway has nothing to refuse."""
+    _, registry_url = processes.registry()
+    processes.worker(demo_repository, "--host", "127.0.0.1", registry_url=registry_url)
+    first, first_address = processes.gateway(registry_url, name="gateway-1")
+    _, second_address = processes.gateway(registry_url, name="gateway-2")
+    channel_args = [("grpc.service_config", json.dumps(CLIENT_SERVICE_CONFIG))]
+    x = np.zeros((1, 784), np.float32)
+    answered, failures = 0, collections.Counter[str]()
+    stop = asyncio.Event()
+
+    async with triton_aio.InferenceServerClient(
+        f"ipv4:{first_address},{second_address}", channel_args=channel_args
+    ) as client:
+
+        async def caller() -> None:
+            nonlocal answered
+            tensor = triton.InferInput("input", [1, 784], "FP32")
+            tensor.set_data_from_numpy(x)
+            while not stop.is_set():
+                try:
+                    await client.infer("mlp784", [tensor], client_timeout=10)
+                    answered += 1
+                except InferenceServerException as error:
+                    failures[f"{error.status()}: {error.message()}"] += 1
+
+        callers = [asyncio.create_task(caller()) for _ in range(CLIENTS)]
+        await asyncio.sleep(1.0)
+        first.signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(first.popen.wait, 20)
+        before_end = answered
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*callers)
+
+    assert exit_code == 0
+    assert not failures, failures
+    assert answered > before_end > 0  # the second gateway carried on
+    assert "refused 0 requests while draining" in first.output()
