@@ -116,7 +116,7 @@ class Gateway:
             else None,
         )
         self.streams = StreamForwarder(self.forwarder)
-        self.servicer = MeshServicer(self.balancer, self.routes, self.auth, version)
+        self.servicer = MeshServicer(self.balancer, self.routes, self.auth, self.gate, version)
         self.health = health.aio.HealthServicer()
         self._workers: ServiceWatcher | None = None
         self._kv: KVWatcher | None = None

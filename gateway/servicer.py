@@ -13,20 +13,24 @@ import grpc
 
 from gateway import wire
 from gateway.auth import Authenticator, AuthError
-from gateway.forwarding import failure_status
+from gateway.forwarding import DRAINING_MESSAGE, failure_status
 from gateway.routes import RouteError, RouteTable
 from gateway.upstream import Upstream
 from loadbalancer.balancer import Balancer
 from loadbalancer.endpoint import Endpoint
 from loadbalancer.errors import AttemptFailed, NoEndpointAvailable
+from meshserve.drain import DRAINING_METADATA, DrainGate
 from protos import grpc_service_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
 
 
 class MeshServicer:
-    def __init__(self, balancer: Balancer, routes: RouteTable, auth: Authenticator, version: str) -> None:
+    def __init__(
+        self, balancer: Balancer, routes: RouteTable, auth: Authenticator, gate: DrainGate, version: str
+    ) -> None:
         self.balancer = balancer
+        self.gate = gate
         self.routes = routes
         self.auth = auth
         self.version = version
@@ -66,6 +70,17 @@ class MeshServicer:
             await context.abort(exc.code, exc.message)
 
     async def _routed(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        gate = self.gate
+        if gate.draining:  # as ModelInfer: the drain waits until callers stop, then stops the server
+            gate.refuse()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE, trailing_metadata=(DRAINING_METADATA,))
+        gate.enter()
+        try:
+            return await self._forward(method, request, context)
+        finally:
+            gate.leave()
+
+    async def _forward(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         # ModelReadyRequest and ModelMetadataRequest share ModelInferRequest's
         # field numbers for name (1) and version (2).
         try:

@@ -51,6 +51,7 @@ async def test_sigterm_serves_through_the_delay_then_refuses_until_callers_stop(
     gateway, address = processes.gateway(registry_url, "--drain-delay", str(DRAIN_DELAY_S))
     request = mlp784_request()
     outcomes: list[tuple[float, float, str]] = []  # (sent, answered, outcome)
+    refused_calls: set[str] = set()
     health_during_delay: list[str] = []
     stop_sending_at = float("inf")
 
@@ -59,14 +60,21 @@ async def test_sigterm_serves_through_the_delay_then_refuses_until_callers_stop(
         health = health_pb2_grpc.HealthStub(channel)
 
         async def caller() -> None:
+            metadata = False  # every other call asks for the model's metadata, which is routed to a worker too
             while time.monotonic() < stop_sending_at:
                 sent = time.monotonic()
+                metadata = not metadata
                 try:
-                    await stub.ModelInfer(request, timeout=10)
+                    if metadata:
+                        await stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp784"), timeout=10)
+                    else:
+                        await stub.ModelInfer(request, timeout=10)
                     outcome = "OK"
                 except grpc.aio.AioRpcError as error:
                     outcome = describe(error)
                 outcomes.append((sent, time.monotonic(), outcome))
+                if outcome != "OK":
+                    refused_calls.add("ModelMetadata" if metadata else "ModelInfer")
                 await asyncio.sleep(0.005)
 
         callers = [asyncio.create_task(caller()) for _ in range(CLIENTS)]
@@ -96,6 +104,7 @@ async def test_sigterm_serves_through_the_delay_then_refuses_until_callers_stop(
     assert len(refused) >= CLIENTS, collections.Counter(outcome for *_, outcome in outcomes)
     # Never cancelled by a gRPC server stopping under them, never left waiting for it.
     assert set(refused) == {"UNAVAILABLE (draining): gateway is shutting down; retry the request on another gateway"}
+    assert refused_calls == {"ModelInfer", "ModelMetadata"}
     assert max(answered - sent for sent, answered, _ in outcomes) < 2.0
     log = gateway.output()
     assert f"refused {len(refused)} requests while draining" in log, log[-3000:]
