@@ -13,6 +13,7 @@ The auth file (YAML or JSON)::
         models: ["digits*", "mlp784"]
         rate_limit: 100        # requests per second per gateway process; omit for none
         burst: 200             # bucket size; defaults to max(1, rate_limit)
+        admin: false           # true: may also change routes (MeshAdmin.SetRoute)
         keys:
           - sha256: 3f1c...    # written by `meshserve keys create`
     jwt:
@@ -65,6 +66,8 @@ class Tenant:
     models: tuple[str, ...] = ("*",)
     rate_limit: float | None = None
     burst: float | None = None
+    # May change the mesh (MeshAdmin.SetRoute), not only call it.
+    admin: bool = False
 
     def allows(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -98,7 +101,7 @@ def hash_key(key: str) -> str:
 
 def single_key_config(api_key: str) -> AuthConfig:
     """`--api-key KEY`: one tenant, every model, no rate limit."""
-    tenant = Tenant("default")
+    tenant = Tenant("default", admin=True)  # the one key for everything
     return AuthConfig(tenants={tenant.name: tenant}, key_hashes={hash_key(api_key): tenant.name})
 
 
@@ -126,6 +129,7 @@ def parse_auth_file(path: Path) -> AuthConfig:
             models=tuple(str(m) for m in models),
             rate_limit=float(rate) if rate else None,
             burst=float(burst) if burst else None,
+            admin=spec.get("admin") is True,
         )
         for key in spec.get("keys") or []:
             digest = key.get("sha256") if isinstance(key, dict) else key
@@ -164,7 +168,7 @@ class Authenticator:
     `config=None` means authentication is off: every caller is the open tenant.
     """
 
-    OPEN = Tenant("anonymous")
+    OPEN = Tenant("anonymous", admin=True)  # no authentication configured: nothing is guarded
 
     def __init__(self, config: AuthConfig | None) -> None:
         self._config = config

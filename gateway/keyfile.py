@@ -19,7 +19,9 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def add_key(path: Path, tenant: str, *, models: list[str] | None = None, rate_limit: float | None = None) -> str:
+def add_key(
+    path: Path, tenant: str, *, models: list[str] | None = None, rate_limit: float | None = None, admin: bool = False
+) -> str:
     """Adds a fresh key to `tenant` (creating the tenant and the file as needed); returns the key.
 
     The file is replaced atomically (write + rename) so a gateway reloading it
@@ -39,6 +41,8 @@ def add_key(path: Path, tenant: str, *, models: list[str] | None = None, rate_li
     spec.setdefault("models", ["*"])
     if rate_limit is not None:
         spec["rate_limit"] = rate_limit
+    if admin:
+        spec["admin"] = True
     key = new_key()
     spec.setdefault("keys", [])
     spec["keys"] = [*(spec["keys"] or []), {"sha256": hash_key(key)}]

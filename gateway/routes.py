@@ -12,6 +12,9 @@ Resolution: a version named by the client is served exactly (NOT_FOUND when no
 worker serves it); otherwise the route's weights pick among the versions that
 workers serve; without a route (or when none of its versions is served) the
 newest served version answers.
+
+Writers (`meshserve model rollout|rollback`, `MeshAdmin.SetRoute`) plan the new
+route here and write it with `write_route`, a check-and-set on the key.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+class RouteConflict(ValueError):
+    """The route changed in the registry between reading it and writing the new one."""
 
 
 class RouteError(LookupError):
@@ -231,3 +238,36 @@ def rollback(current: Route | None) -> Route:
     if current is None or current.previous is None:
         raise ValueError("nothing to roll back: the route has no previous state")
     return Route.from_json({**current.previous, "previous": None})
+
+
+def with_weights(current: Route | None, weights: Mapping[str, int]) -> Route:
+    """The route with `weights` set outright (`MeshAdmin.SetRoute`); like `rollout`, the current route
+    (or, with none, "newest version serves") becomes `previous`, so one rollback undoes it."""
+    planned = Route.from_json({"weights": dict(weights)})  # the same checks as a route read from the registry
+    if not any(planned.weights.values()):
+        raise ValueError("a route needs at least one version with a positive weight")
+    keep = current or Route()
+    previous = Route(weights=keep.weights, policy=keep.policy, hash_header=keep.hash_header, hedge=keep.hedge)
+    return Route(
+        weights=planned.weights,
+        policy=keep.policy,
+        hash_header=keep.hash_header,
+        hedge=keep.hedge,
+        previous=previous.to_json(),
+    )
+
+
+async def read_route(registry_url: str, prefix: str, model: str) -> tuple[Route | None, int]:
+    """The model's route in the registry (None when it has none) and the key's index, for `write_route`."""
+    from registry.discovery import kv_get
+
+    value, index = await kv_get(registry_url, prefix + model)
+    return (Route.from_json(value) if value is not None else None), index
+
+
+async def write_route(registry_url: str, prefix: str, model: str, route: Route, index: int) -> None:
+    """Writes the route only if the key is as `read_route` found it; RouteConflict if it changed meanwhile."""
+    from registry.discovery import kv_put
+
+    if not await kv_put(registry_url, prefix + model, json.dumps(route.to_json()), cas=index):
+        raise RouteConflict(f"the route of {model} changed while this ran; try again")

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from gateway.admin import MeshAdminServicer
 from gateway.auth import AuthConfig, Authenticator, AuthFileWatcher, single_key_config
 from gateway.forwarding import InferenceForwarder
 from gateway.metrics import GatewayMetrics
@@ -33,6 +34,7 @@ from loadbalancer.settings import BalancerSettings
 from meshserve.busywait import BusyWait, LightLoadPoll
 from meshserve.drain import FLUSH_GRACE_S, DrainGate
 from protos import grpc_service_pb2 as pb
+from protos import mesh_pb2_grpc
 from protos._pool import POOL
 from registry.address import advertised_address
 from registry.discovery import KVWatcher, ServiceWatcher
@@ -40,6 +42,8 @@ from registry.metrics import RegistryMetrics
 from registry.model import ServiceInstance
 
 log = logging.getLogger(__name__)
+
+ADMIN_SERVICE = "meshserve.v1.MeshAdmin"
 
 
 class PortInUse(RuntimeError):
@@ -167,8 +171,12 @@ class Gateway:
             ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        settings = self.settings
+        admin = MeshAdminServicer(self.balancer, self.routes, self.auth, settings.registry, settings.routes_prefix)
+        mesh_pb2_grpc.add_MeshAdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=POOL)
+        services = (SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, server, pool=POOL)
         address = f"{self.settings.host}:{self.settings.port}"
         try:
             if self.settings.tls_cert is not None or self.settings.tls_key is not None:

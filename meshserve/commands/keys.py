@@ -21,6 +21,7 @@ def create(
     tenant: str = typer.Option(..., help="Tenant the key belongs to (created when new)"),
     models: list[str] = typer.Option(None, help="Model glob the tenant may call, e.g. 'digits*' (repeatable)"),
     rate_limit: float = typer.Option(None, help="Requests per second per gateway process (omit: unlimited)"),
+    admin: bool = typer.Option(False, "--admin", help="The tenant may also change routes (MeshAdmin.SetRoute)"),
     auth_file: Path = typer.Option(
         None, envvar="MESHSERVE_AUTH_FILE", help=f"Auth file to update [default: ./{DEFAULT_AUTH_FILE}]"
     ),
@@ -31,7 +32,7 @@ def create(
     path = auth_file or DEFAULT_AUTH_FILE
     globs = [g for spec in models or [] for g in spec.split(",") if g]
     try:
-        key = add_key(path, tenant, models=globs or None, rate_limit=rate_limit)
+        key = add_key(path, tenant, models=globs or None, rate_limit=rate_limit, admin=admin)
     except (OSError, ValueError) as exc:
         typer.echo(f"cannot update {path}: {exc}", err=True)
         raise typer.Exit(1) from None

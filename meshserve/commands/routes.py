@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import typer
-
-if TYPE_CHECKING:
-    from gateway.routes import Route
 
 T = TypeVar("T")
 
@@ -30,15 +27,16 @@ def rollout(
 ) -> None:
     """Sends WEIGHT% of MODEL's traffic (requests naming no version) to VERSION; gateways apply it within 1 s."""
 
+    from gateway.routes import read_route, write_route
     from gateway.routes import rollout as plan_rollout
 
     async def change() -> dict[str, int]:
-        current = await _read_route(registry, model)
+        current, index = await read_route(registry, ROUTES_PREFIX, model)
         stable = None
-        if current is None or not current[0].weights:
+        if current is None or not current.weights:
             stable = await _stable_version(registry, model, exclude=version)
-        route = plan_rollout(current[0] if current else None, version, weight, stable)
-        await _write_route(registry, model, route, current[1] if current else 0)
+        route = plan_rollout(current, version, weight, stable)
+        await write_route(registry, ROUTES_PREFIX, model, route, index)
         return dict(route.weights)
 
     weights = _run(change())
@@ -50,12 +48,13 @@ def rollback(
     registry: str = typer.Option(DEFAULT_REGISTRY, envvar="MESHSERVE_REGISTRY", help="consul://HOST:PORT"),
 ) -> None:
     """Restores MODEL's route from before the last rollout, in one step."""
+    from gateway.routes import read_route, write_route
     from gateway.routes import rollback as plan_rollback
 
     async def change() -> dict[str, int]:
-        current = await _read_route(registry, model)
-        route = plan_rollback(current[0] if current else None)
-        await _write_route(registry, model, route, current[1] if current else 0)
+        current, index = await read_route(registry, ROUTES_PREFIX, model)
+        route = plan_rollback(current)
+        await write_route(registry, ROUTES_PREFIX, model, route, index)
         return dict(route.weights)
 
     weights = _run(change())
@@ -82,25 +81,6 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     except Exception as exc:  # py-consul raises its own exception types for HTTP errors
         typer.echo(f"error: registry request failed: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from None
-
-
-async def _read_route(registry: str, model: str) -> tuple[Route, int] | None:
-    from gateway.routes import Route
-    from registry.discovery import kv_get
-
-    value, index = await kv_get(registry, ROUTES_PREFIX + model)
-    if value is None:
-        return None
-    return Route.from_json(value), index
-
-
-async def _write_route(registry: str, model: str, route: Route, index: int) -> None:
-    import json
-
-    from registry.discovery import kv_put
-
-    if not await kv_put(registry, ROUTES_PREFIX + model, json.dumps(route.to_json()), cas=index):
-        raise ValueError(f"the route of {model} changed while this command ran; run it again")
 
 
 async def _stable_version(registry: str, model: str, exclude: str) -> str | None:

@@ -37,6 +37,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.auth import hash_key
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from protos import mesh_pb2, mesh_pb2_grpc
 from tests.harness import REPO_ROOT, ProcessGroup, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.integration
 FULL_KEY = "key-full-access"
 DIGITS_KEY = "key-digits-only"
 LIMITED_KEY = "key-rate-limited"
+ADMIN_KEY = "key-admin"
 HS_SECRET = "hs256-secret-for-the-gateway-tests-0123456789"
 
 
@@ -67,6 +69,7 @@ def _auth_yaml(rsa_public: str, full_keys: list[str]) -> str:
                 "full": {"models": ["*"], "keys": [{"sha256": hash_key(k)} for k in full_keys]},
                 "digits-team": {"models": ["digits*"], "keys": [{"sha256": hash_key(DIGITS_KEY)}]},
                 "limited": {"models": ["*"], "rate_limit": 1, "burst": 2, "keys": [{"sha256": hash_key(LIMITED_KEY)}]},
+                "ops": {"models": ["*"], "admin": True, "keys": [{"sha256": hash_key(ADMIN_KEY)}]},
             },
             "jwt": {"audience": "meshserve", "hs256_secret": HS_SECRET, "rs256_public_key": rsa_public},
         }
@@ -527,3 +530,73 @@ def test_route_policy_consistent_hash_keeps_a_user_on_one_worker(mesh: Mesh) -> 
             assert deltas == [0.0, 30.0], (user, deltas)
     finally:
         urllib.request.urlopen(urllib.request.Request(key_url, method="DELETE"), timeout=5)
+
+
+# -- meshserve.v1.MeshAdmin on the gateway's port -------------------------------------------------
+
+
+def test_mesh_admin_lists_workers_and_models_and_sets_routes(mesh: Mesh) -> None:
+    with grpc.insecure_channel(mesh.address) as channel:
+        admin = mesh_pb2_grpc.MeshAdminStub(channel)
+        full, digits_only, ops = (_bearer(key).items() for key in (FULL_KEY, DIGITS_KEY, ADMIN_KEY))
+
+        workers = admin.ListWorkers(mesh_pb2.ListWorkersRequest(), metadata=tuple(full), timeout=5).workers
+        assert len(workers) == 2
+        for worker in workers:
+            assert worker.state == "active" and worker.address.startswith("127.0.0.1:")
+            assert list(worker.models) == ["digits:1", "digits:2", "mlp784:1"]
+            assert worker.meta["grpc_port"] == worker.address.rsplit(":", 1)[1] and worker.meta["device"] == "cpu"
+        models = admin.ListModels(mesh_pb2.ListModelsRequest(), metadata=tuple(full), timeout=5).models
+        assert [(m.name, list(m.versions), m.workers) for m in models] == [
+            ("digits", ["1", "2"], 2),
+            ("mlp784", ["1"], 2),
+        ]
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.ListWorkers(mesh_pb2.ListWorkersRequest(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+        # Routes: read by anyone allowed the model, changed only by an admin tenant.
+        before = admin.GetRoute(mesh_pb2.GetRouteRequest(model="digits"), metadata=tuple(digits_only), timeout=5)
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.GetRoute(mesh_pb2.GetRouteRequest(model="mlp784"), metadata=tuple(digits_only), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        pin_v2 = mesh_pb2.SetRouteRequest(route=mesh_pb2.Route(model="digits", weights={"2": 100}))
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.SetRoute(pin_v2, metadata=tuple(full), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert "admin: true" in refused.value.details()  # type: ignore[attr-defined]
+        unserved = mesh_pb2.SetRouteRequest(route=mesh_pb2.Route(model="digits", weights={"9": 100}))
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.SetRoute(unserved, metadata=tuple(ops), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+
+        assert dict(admin.SetRoute(pin_v2, metadata=tuple(ops), timeout=5).weights) == {"2": 100}
+        wait_until(
+            lambda: (
+                dict(admin.GetRoute(mesh_pb2.GetRouteRequest(model="digits"), metadata=tuple(full)).weights)
+                == {"2": 100}
+            ),
+            2,
+            what="the gateway applying the new route",
+        )
+        client = triton.InferenceServerClient(mesh.address)
+        versions = {
+            client.infer("digits", [_digits_input()[1]], headers=_bearer(FULL_KEY)).get_response().model_version
+            for _ in range(20)
+        }
+        assert versions == {"2"}
+        # One rollback restores the route from before, as after `meshserve model rollout`.
+        rollback = _meshserve("model", "rollback", "digits", "--registry", mesh.registry_url)
+        assert rollback.returncode == 0, rollback.stderr
+        wait_until(
+            lambda: (
+                admin.GetRoute(mesh_pb2.GetRouteRequest(model="digits"), metadata=tuple(full)).weights == before.weights
+            ),
+            2,
+            what="the route from before",
+        )
+
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.DrainWorker(mesh_pb2.DrainWorkerRequest(), metadata=tuple(ops), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert "worker's own address" in refused.value.details()  # type: ignore[attr-defined]

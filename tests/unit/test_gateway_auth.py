@@ -178,3 +178,18 @@ def test_api_key_beside_an_auth_file(tmp_path: Path, rsa_pair: tuple[bytes, str]
     AuthFileWatcher(path, auth, extra=single_key_config("launcher-key")).load()
     assert auth.authenticate(bearer("launcher-key")).name == "default"
     assert auth.authenticate(bearer("key-acme")).name == "acme"
+
+
+def test_only_tenants_marked_admin_may_change_the_mesh(tmp_path: Path) -> None:
+    from gateway.keyfile import add_key
+
+    path = tmp_path / "auth.yaml"
+    user_key = add_key(path, "team", models=["digits*"])
+    admin_key = add_key(path, "ops", admin=True)
+    assert yaml.safe_load(path.read_text())["tenants"]["ops"]["admin"] is True
+    auth = Authenticator(parse_auth_file(path))
+    assert not auth.authenticate([("authorization", f"Bearer {user_key}")]).admin
+    assert auth.authenticate([("authorization", f"Bearer {admin_key}")]).admin
+    # The one --api-key is the operator's key; with no authentication nothing is guarded.
+    assert Authenticator(single_key_config("k")).authenticate([("authorization", "Bearer k")]).admin
+    assert Authenticator(None).authenticate(None).admin

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.routes import Route, RouteError, RouteTable, parse_routes, rollback, rollout
+from gateway.routes import Route, RouteError, RouteTable, parse_routes, rollback, rollout, with_weights
 
 
 def table(served: dict[str, set[str]], seed: int = 7) -> RouteTable:
@@ -85,3 +85,19 @@ def test_route_json_round_trip_and_invalid_entries_skipped() -> None:
         "meshserve/routes/",
     )
     assert set(parsed) == {"digits"}
+
+
+def test_with_weights_replaces_the_weights_keeps_the_policy_and_can_be_rolled_back() -> None:
+    current = Route(weights={"1": 100}, policy="consistent_hash", hash_header="x-user")
+    route = with_weights(current, {"2": 30, "3": 70})
+    assert dict(route.weights) == {"2": 30, "3": 70}
+    assert (route.policy, route.hash_header) == ("consistent_hash", "x-user")
+    assert rollback(route) == Route(weights={"1": 100}, policy="consistent_hash", hash_header="x-user")
+    # With no route before, the rollback restores "no weights": the newest served version answers.
+    assert rollback(with_weights(None, {"2": 100})).weights == {}
+
+
+@pytest.mark.parametrize("weights", [{}, {"2": 0}, {"2": -5}])
+def test_with_weights_refuses_weights_that_route_nothing(weights: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        with_weights(None, weights)
