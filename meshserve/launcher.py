@@ -3,9 +3,10 @@
 Start order: registry, workers, gateway; the gateway is ready once a worker
 passes its health check. Stop order (Ctrl-C / SIGTERM): gateway, workers
 (each drains), registry; a second Ctrl-C kills what still runs. A child that
-dies meanwhile is reported and started again. Children run in their own sessions so a terminal's Ctrl-C reaches only
-the launcher, which then stops them in order; on Linux they also get SIGTERM
-if the launcher itself is killed, so none outlives it.
+dies meanwhile is reported and started again. Children run in their own
+sessions so a terminal's Ctrl-C reaches only the launcher, which then stops
+them in order; on Linux they also get SIGTERM if the launcher itself is
+killed, so none outlives it.
 """
 
 from __future__ import annotations
