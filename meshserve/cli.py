@@ -14,6 +14,7 @@ from meshserve.commands import (
     gateway,
     infer,
     keys,
+    mesh,
     model,
     registry,
     routes,
@@ -30,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for command_module in (up, registry, worker, gateway, infer, status, bench, demo_models, keys, model):
+for command_module in (up, registry, worker, gateway, infer, status, bench, demo_models, keys, model, mesh):
     command_module.register(app)
 routes.register(model.model_app)
 

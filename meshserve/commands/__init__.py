@@ -2,6 +2,28 @@
 heavy dependencies (onnxruntime, grpc servers) inside its command bodies so
 that `meshserve --help` and light commands start fast."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import grpc
+
+
+def client_channel(url: str, tls_ca: Path | None) -> grpc.Channel:
+    """A channel to a gateway or worker: TLS verified against `tls_ca` when given, else plaintext."""
+    import grpc
+
+    if tls_ca is not None:
+        return grpc.secure_channel(url, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+    return grpc.insecure_channel(url)
+
+
+def bearer(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries an API key (none without one)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
 
 def freeze_startup_objects() -> None:
     """Moves every object alive after a server's start-up out of the cyclic GC's reach.

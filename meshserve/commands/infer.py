@@ -32,19 +32,15 @@ def infer(
     import grpc
     import numpy as np
 
+    from meshserve.commands import bearer, client_channel
     from protos import grpc_service_pb2 as pb
     from protos import grpc_service_pb2_grpc as pb_grpc
 
     if random == (input is not None):
         typer.echo("give exactly one of --random or --input FILE.npy", err=True)
         raise typer.Exit(2)
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-    channel = (
-        grpc.secure_channel(url, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
-        if tls_ca is not None
-        else grpc.insecure_channel(url)
-    )
-    with channel:
+    metadata = bearer(api_key)
+    with client_channel(url, tls_ca) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             meta = stub.ModelMetadata(

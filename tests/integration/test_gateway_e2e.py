@@ -600,3 +600,21 @@ def test_mesh_admin_lists_workers_and_models_and_sets_routes(mesh: Mesh) -> None
             admin.DrainWorker(mesh_pb2.DrainWorkerRequest(), metadata=tuple(ops), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
         assert "worker's own address" in refused.value.details()  # type: ignore[attr-defined]
+
+
+def test_mesh_cli_asks_the_gateway(mesh: Mesh) -> None:
+    """`meshserve mesh ...`: MeshAdmin with a key, no registry access needed."""
+    gateway = ("--url", mesh.address)
+    listed = _meshserve("mesh", "workers", *gateway, "--api-key", FULL_KEY)
+    assert listed.returncode == 0, listed.stderr
+    assert "workers behind" in listed.stdout and listed.stdout.count("active") == 2
+    models = _meshserve("mesh", "models", *gateway, "--api-key", FULL_KEY)
+    assert "digits: versions 1, 2 on 2 worker(s)" in models.stdout, models.stdout + models.stderr
+    route = _meshserve("mesh", "route", "digits", *gateway, "--api-key", FULL_KEY)
+    assert route.returncode == 0 and route.stdout.startswith("digits: "), route.stdout + route.stderr
+    not_admin = _meshserve("mesh", "route", "digits", "--set", "2=100", *gateway, "--api-key", FULL_KEY)
+    assert not_admin.returncode == 1 and not_admin.stderr.startswith("PERMISSION_DENIED: "), not_admin.stderr
+    bad = _meshserve("mesh", "route", "digits", "--set", "2:100", *gateway, "--api-key", ADMIN_KEY)
+    assert bad.returncode == 2 and "VERSION=WEIGHT" in bad.stderr
+    no_key = _meshserve("mesh", "workers", *gateway)
+    assert no_key.returncode == 1 and no_key.stderr.startswith("UNAUTHENTICATED: ")
