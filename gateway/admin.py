@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from gateway.auth import Authenticator, AuthError, Tenant
+from gateway.auth import Authenticator, authenticate_call
 from gateway.routes import Route, RouteConflict, RouteTable, read_route, version_order, with_weights, write_route
 from loadbalancer.balancer import Balancer
 from loadbalancer.endpoint import Endpoint
@@ -67,29 +67,20 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
         self.registry_url = registry_url
         self.routes_prefix = routes_prefix
 
-    async def _tenant(self, context: Context, model: str | None = None) -> Tenant:
-        try:
-            tenant = self.auth.authenticate(context.invocation_metadata())
-            if model is not None:
-                self.auth.authorize(tenant, model)
-        except AuthError as exc:
-            await context.abort(exc.code, exc.message)
-        return tenant
-
     async def ListWorkers(self, request: mesh_pb2.ListWorkersRequest, context: Context) -> mesh_pb2.ListWorkersResponse:
-        await self._tenant(context)
+        await authenticate_call(self.auth, context)
         endpoints = sorted(self.balancer.endpoints(), key=lambda endpoint: endpoint.target)
         return mesh_pb2.ListWorkersResponse(workers=[worker_message(endpoint) for endpoint in endpoints])
 
     async def ListModels(self, request: mesh_pb2.ListModelsRequest, context: Context) -> mesh_pb2.ListModelsResponse:
-        await self._tenant(context)
+        await authenticate_call(self.auth, context)
         return mesh_pb2.ListModelsResponse(models=model_summaries(self.balancer.endpoints()))
 
     async def GetRoute(self, request: mesh_pb2.GetRouteRequest, context: Context) -> mesh_pb2.Route:
         """The route this gateway applies now; no weights: none is set, the newest served version answers."""
         if not request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
-        await self._tenant(context, request.model)
+        await authenticate_call(self.auth, context, request.model)
         return route_message(request.model, self.routes.route(request.model))
 
     async def SetRoute(self, request: mesh_pb2.SetRouteRequest, context: Context) -> mesh_pb2.Route:
@@ -97,7 +88,7 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
         model = request.route.model
         if not model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "route.model is required")
-        tenant = await self._tenant(context, model)
+        tenant = await authenticate_call(self.auth, context, model)
         if not tenant.admin:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,

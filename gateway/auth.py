@@ -271,6 +271,17 @@ class Authenticator:
         return tenant, float(expires) if isinstance(expires, int | float) else float("inf")
 
 
+async def authenticate_call(auth: Authenticator, context: grpc.aio.ServicerContext, model: str | None = None) -> Tenant:
+    """The caller's tenant (allowed `model`, when one is named); otherwise the call ends with the auth error's code."""
+    try:
+        tenant = auth.authenticate(context.invocation_metadata())
+        if model is not None:
+            auth.authorize(tenant, model)
+    except AuthError as exc:
+        await context.abort(exc.code, exc.message)
+    return tenant
+
+
 class AuthFileWatcher:
     """Reloads the auth file when it changes, so keys rotate without a restart.
 

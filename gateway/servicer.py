@@ -12,7 +12,7 @@ from __future__ import annotations
 import grpc
 
 from gateway import wire
-from gateway.auth import Authenticator, AuthError
+from gateway.auth import Authenticator, authenticate_call
 from gateway.forwarding import DRAINING_MESSAGE, failure_status
 from gateway.routes import RouteError, RouteTable
 from gateway.upstream import Upstream
@@ -52,7 +52,7 @@ class MeshServicer:
     async def server_metadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        await self._authenticate(context, None)
+        await authenticate_call(self.auth, context)
         return pb.ServerMetadataResponse(name="meshserve", version=self.version, extensions=[])
 
     async def model_ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -60,14 +60,6 @@ class MeshServicer:
 
     async def model_metadata(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._routed("ModelMetadata", request, context)
-
-    async def _authenticate(self, context: grpc.aio.ServicerContext, model: str | None) -> None:
-        try:
-            tenant = self.auth.authenticate(context.invocation_metadata())
-            if model is not None:
-                self.auth.authorize(tenant, model)
-        except AuthError as exc:
-            await context.abort(exc.code, exc.message)
 
     async def _routed(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         gate = self.gate
@@ -88,7 +80,7 @@ class MeshServicer:
         except wire.WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method}Request: {exc}")
             raise
-        await self._authenticate(context, head.model_name)
+        await authenticate_call(self.auth, context, head.model_name)
         if not head.model_name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
         try:
