@@ -101,13 +101,15 @@ class MeshAdminServicer(mesh_pb2_grpc.MeshAdminServicer):
                 f"no worker serves {model} version(s) {', '.join(unserved)}; publish them before routing to them",
             )
         try:
+            with_weights(None, request.route.weights)  # weights that route nothing fail here, before any registry call
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
             current, index = await read_route(self.registry_url, self.routes_prefix, model)
             route = with_weights(current, request.route.weights)
             await write_route(self.registry_url, self.routes_prefix, model, route, index)
         except RouteConflict as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RegistryErrors as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry did not take the route: {exc}")
         return route_message(model, route)

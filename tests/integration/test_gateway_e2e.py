@@ -569,6 +569,10 @@ def test_mesh_admin_lists_workers_and_models_and_sets_routes(mesh: Mesh) -> None
         with pytest.raises(grpc.RpcError) as refused:
             admin.SetRoute(unserved, metadata=tuple(ops), timeout=5)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        nothing = mesh_pb2.SetRouteRequest(route=mesh_pb2.Route(model="digits", weights={"1": 0}))
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.SetRoute(nothing, metadata=tuple(ops), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
 
         assert dict(admin.SetRoute(pin_v2, metadata=tuple(ops), timeout=5).weights) == {"2": 100}
         wait_until(
